@@ -1,0 +1,72 @@
+"""Run outputs: ``results.jsonl`` (one record per evaluation), ``summary.json``, the ``done``
+marker, and the optional Weights & Biases run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from tllab.schema import LoggerConfig
+
+
+class ResultsFile:
+    """Append-only ``results.jsonl``; on resume, records after the checkpoint's step are dropped
+    (they are recomputed), so every step appears once."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "results.jsonl"
+
+    def truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def append(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class WandbRun:
+    """One W&B run per job: config = resolved config, group/tags from the dataset and methods,
+    best-value summaries for accuracies; offline unless ``logger.mode`` or ``WANDB_MODE`` says
+    otherwise. ``finish()`` must be called (the trainer does, also on errors)."""
+
+    def __init__(self, cfg: LoggerConfig, config: dict[str, Any], keys: dict[str, Any], run_dir: Path) -> None:
+        import wandb
+
+        task = f"{keys['source']}->{keys['target']}"
+        self.run = wandb.init(
+            project=cfg.project, entity=cfg.entity, mode=os.environ.get("WANDB_MODE", cfg.mode),
+            dir=str(run_dir), name=f"{keys['experiment']}/{run_dir.name}", config=config,
+            group=cfg.group or f"{keys['dataset']}/{task}", job_type=cfg.job_type,
+            tags=[*cfg.tags, keys["backbone"], f"norm:{keys['norm']}", f"reg:{keys['regularizer']}",
+                  keys["dataset"], task, str(keys["setting"])],
+            reinit="finish_previous",
+        )
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+        for split in ("source_val", "target_val", "source_test", "target_test"):
+            self.run.define_metric(f"{split}/acc", summary="max")
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float))})
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)

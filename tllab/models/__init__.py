@@ -1,0 +1,72 @@
+"""Backbones by name and the classifier built on them.
+
+``create_backbone(library, name)`` is the one factory: ``library`` is ``tllab`` (own models),
+``torchvision`` (ResNets) or ``timm`` (any timm model). Every backbone maps images to pooled
+features and exposes ``out_features``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from tllab.errors import ConfigError
+from tllab.models.classifier import Classifier
+from tllab.models.cnn import digits_cnn
+from tllab.models.pretrained import (
+    OFFLINE_IMAGENET,
+    load_backbone_checkpoint,
+    load_efficientnet_lite0_imagenet,
+    no_offline_weights_error,
+)
+from tllab.models.resnet import RESNETS, torchvision_resnet
+from tllab.models.timm_models import timm_backbone
+
+# Own models: name -> builder(**kwargs). Later files register here (e.g. IBN-ResNets).
+TLLAB_MODELS: dict[str, Callable[..., nn.Module]] = {"digits_cnn": digits_cnn}
+
+__all__ = ["Classifier", "TLLAB_MODELS", "create_backbone"]
+
+
+def create_backbone(library: str, name: str, pretrained: str | None = None, **kwargs) -> nn.Module:
+    """Build a backbone by name, optionally with pretrained weights available offline.
+
+    Args:
+        library: ``"tllab"``, ``"torchvision"`` or ``"timm"``.
+        name: model name in that library (``digits_cnn``, ``resnet50``, any timm name...).
+        pretrained: ``None`` (random init), ``"imagenet"`` (only where tllab has offline weights:
+            timm ``tf_efficientnet_lite0``) or the path of a checkpoint / state dict.
+        **kwargs: passed to the model's builder.
+
+    Returns:
+        a module mapping :math:`(N, 3, H, W)` to :math:`(N, D)` with ``out_features = D``.
+
+    Example:
+        >>> create_backbone("tllab", "digits_cnn").out_features
+        2048
+    """
+    library = str(getattr(library, "value", library))
+    if library == "tllab":
+        if name not in TLLAB_MODELS:
+            raise ConfigError(f"unknown tllab backbone {name!r}; available: {sorted(TLLAB_MODELS)}.")
+        model = TLLAB_MODELS[name](**kwargs)
+    elif library == "torchvision":
+        if name not in RESNETS:
+            raise ConfigError(f"unknown torchvision backbone {name!r}; available: {list(RESNETS)} "
+                              "(or use backbone=timm backbone.name=... for any timm model).")
+        model = torchvision_resnet(name, **kwargs)
+    elif library == "timm":
+        model = timm_backbone(name, **kwargs)
+    else:
+        raise ConfigError(f"unknown backbone library {library!r}; use tllab, torchvision or timm.")
+
+    if pretrained == "imagenet":
+        if library != "timm" or name not in OFFLINE_IMAGENET:
+            raise no_offline_weights_error(library, name)
+        model.reset_classifier(1000)
+        load_efficientnet_lite0_imagenet(model)
+        model.reset_classifier(0)
+    elif pretrained:
+        load_backbone_checkpoint(model, pretrained)
+    return model

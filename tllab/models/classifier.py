@@ -1,0 +1,61 @@
+"""Classifier = backbone -> optional bottleneck -> linear head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+
+class Classifier(nn.Module):
+    r"""Backbone, optional bottleneck and a linear head; returns logits and features.
+
+    .. math:: f = \mathrm{bottleneck}(\mathrm{backbone}(x)),\quad \mathrm{logits} = W f + b
+
+    The bottleneck (when ``bottleneck_dim`` is set) is ``Linear -> BatchNorm1d -> ReLU`` as in
+    tllib. Methods may replace ``bottleneck`` or ``head`` in ``Plugin.transform_model``.
+
+    Args:
+        backbone: module with ``out_features`` mapping images to :math:`(N, D)`.
+        num_classes: number of classes of the head.
+        bottleneck_dim: width of the bottleneck, or ``None`` for none.
+
+    Shape:
+        - Input: :math:`(N, 3, H, W)`.
+        - Output: ``(logits, features)`` of shapes :math:`(N, num\_classes)` and :math:`(N, F)`.
+
+    Example:
+        >>> from tllab.models import create_backbone
+        >>> model = Classifier(create_backbone("tllab", "digits_cnn"), 10, bottleneck_dim=256)
+        >>> logits, f = model(torch.randn(4, 3, 32, 32))
+        >>> logits.shape, f.shape
+        (torch.Size([4, 10]), torch.Size([4, 256]))
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, bottleneck_dim: int | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        if bottleneck_dim:
+            self.bottleneck: nn.Module = nn.Sequential(
+                nn.Linear(backbone.out_features, bottleneck_dim), nn.BatchNorm1d(bottleneck_dim), nn.ReLU()
+            )
+            self.features_dim = bottleneck_dim
+        else:
+            self.bottleneck = nn.Identity()
+            self.features_dim = backbone.out_features
+        self.head = nn.Linear(self.features_dim, num_classes)
+        self.num_classes = num_classes
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        f = self.bottleneck(self.backbone(x))
+        return self.head(f), f
+
+    def get_parameters(self, base_lr: float, backbone_lr_mult: float = 1.0) -> list[dict[str, Any]]:
+        """Optimizer parameter groups: the backbone at ``backbone_lr_mult * base_lr``, the rest at
+        ``base_lr`` (tllib uses 0.1x for a pretrained backbone). Frozen parameters are skipped."""
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        backbone_ids = {id(p) for p in self.backbone.parameters()}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids]
+        groups = [{"params": backbone, "lr": backbone_lr_mult * base_lr, "name": "backbone"},
+                  {"params": rest, "lr": base_lr, "name": "head"}]
+        return [g for g in groups if g["params"]]

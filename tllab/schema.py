@@ -1,0 +1,148 @@
+"""Typed configuration schema.
+
+Every config group except the stackable method groups (``norm``, ``regularizer``) has a dataclass
+here. ``register_configs()`` stores the top-level :class:`TrainConfig` in Hydra's ConfigStore as
+``train_schema``; ``configs/train.yaml`` lists it first in its defaults, so every YAML file and
+every command-line override is checked against these types while Hydra composes the config:
+a misspelt key, a value of the wrong type or an unknown enum option fails before any data loads.
+
+The method groups are mappings ``name -> {_target_: ..., **kwargs}``; their keys are checked
+against the method's constructor in :func:`tllab.plugin.build_plugins`, also before data loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class Library(str, Enum):
+    tllab = "tllab"
+    torchvision = "torchvision"
+    timm = "timm"
+
+
+class Setting(str, Enum):
+    da = "da"  # labelled source(s) + unlabelled target train split
+    dg = "dg"  # labelled sources; the target is never seen in training
+    finetune = "finetune"  # labelled subset of the target train split
+
+
+class OptimName(str, Enum):
+    sgd = "sgd"
+    adam = "adam"
+    adamw = "adamw"
+
+
+class SchedulerName(str, Enum):
+    none = "none"
+    step = "step"
+    cosine = "cosine"
+    inv = "inv"  # tllib's inverse decay: lr * (1 + gamma * step) ** -power
+
+
+class AmpDtype(str, Enum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+@dataclass
+class BackboneConfig:
+    library: Library = Library.tllab
+    name: str = "digits_cnn"
+    # None (random init), "imagenet" (offline weights where tllab ships them) or a checkpoint path
+    pretrained: Optional[str] = None
+    bottleneck_dim: Optional[int] = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "digits"
+    setting: Setting = Setting.da
+    source: List[str] = field(default_factory=lambda: ["mnist"])
+    target: List[str] = field(default_factory=lambda: ["mnistm"])
+    num_classes: int = 10
+    val_fraction: float = 0.1  # held out of each source train split for model selection
+    labels_per_class: Optional[int] = None  # finetune: labelled target images per class
+    sample_rate: Optional[float] = None  # finetune: percent of the target train split (tllib)
+    image_size: int = 32
+    mean: List[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: List[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    data_seed: int = 0  # seed of the domain generation (mnistm/synth/corruptions)
+    root: Optional[str] = None  # data folder for file-based datasets; cache folder for digits
+
+
+@dataclass
+class SchedulerConfig:
+    name: SchedulerName = SchedulerName.none
+    warmup_steps: int = 0
+    warmup_start_factor: float = 0.01
+    milestones: List[int] = field(default_factory=list)  # step: steps at which lr *= gamma
+    gamma: float = 0.1
+    inv_gamma: float = 0.001
+    inv_power: float = 0.75
+    min_lr_factor: float = 0.0  # cosine: final lr = lr * min_lr_factor
+
+
+@dataclass
+class OptimConfig:
+    name: OptimName = OptimName.adam
+    lr: float = 1e-3
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    backbone_lr_mult: float = 1.0  # tllib uses 0.1 when fine-tuning a pretrained backbone
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+@dataclass
+class TrainerConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    epochs: int = 3
+    iters_per_epoch: Optional[int] = None  # None: one pass over the labelled train set
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    eval_every: Optional[int] = None  # steps between evaluations; None: every epoch
+    max_steps: Optional[int] = None  # smoke mode: stop after this many optimizer steps
+    amp: bool = False
+    amp_dtype: AmpDtype = AmpDtype.bfloat16
+    grad_clip: Optional[float] = None  # max global gradient norm
+    deterministic: bool = False
+    resume: bool = False  # require a checkpoint in the run dir (resuming is automatic anyway)
+    save_checkpoints: bool = True
+    num_workers: int = 0
+    quiet: bool = False  # no progress bar or per-eval console lines
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = False
+    project: str = "tllab"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline | online | disabled (WANDB_MODE overrides)
+    group: Optional[str] = None  # default: "<dataset>/<source>-><target>"
+    job_type: str = "train"
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    experiment: str = "default"
+    seed: int = 0
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    norm: Dict[str, Any] = field(default_factory=dict)
+    regularizer: Dict[str, Any] = field(default_factory=dict)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def register_configs() -> None:
+    """Store the schema in Hydra's ConfigStore (idempotent)."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)

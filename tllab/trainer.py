@@ -1,0 +1,294 @@
+"""The one trainer: domain adaptation, domain generalization, fine-tuning and pretraining.
+
+Iteration-based epochs over infinite loaders; each step draws a labelled batch (and an
+unlabelled target batch when a plug-in uses one), computes cross-entropy plus every plug-in's
+loss terms, and takes one optimizer step. Methods change behaviour only through
+:class:`tllab.plugin.Plugin` hooks; nothing here knows any single method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from tllab.checkpoint import load_checkpoint, rng_state, save_atomic, seed_everything, set_rng_state
+from tllab.data import DataModule, build_data, check_dataset_config
+from tllab.data.loaders import ForeverLoader, eval_loader
+from tllab.errors import CheckpointError, ConfigError, NonFiniteLossError
+from tllab.loggers import ResultsFile, WandbRun, write_json_atomic
+from tllab.models import Classifier, create_backbone
+from tllab.optim import build_optimizer, build_scheduler
+from tllab.plugin import Plugin, SetupContext, StepOutput, build_plugins
+from tllab.schema import TrainConfig
+
+log = logging.getLogger("tllab")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name} but CUDA is not available; use trainer.device=cpu or auto.")
+    return device
+
+
+def group_keys(cfg: TrainConfig) -> dict[str, Any]:
+    """The config keys that group runs in tables and dashboards (copied into every record)."""
+    return {
+        "experiment": cfg.experiment,
+        "backbone": cfg.backbone.name,
+        "norm": "+".join(cfg.norm) or "none",
+        "regularizer": "+".join(cfg.regularizer) or "none",
+        "dataset": cfg.dataset.name,
+        "setting": str(getattr(cfg.dataset.setting, "value", cfg.dataset.setting)),
+        "source": "+".join(cfg.dataset.source),
+        "target": "+".join(cfg.dataset.target),
+        "seed": cfg.seed,
+    }
+
+
+class Trainer:
+    """Builds everything a run needs from its config and trains it (see the module docstring).
+
+    Args:
+        cfg: the composed, typed config.
+        run_dir: the run's output folder (checkpoints, records, summary).
+        resolved: the resolved config as plain containers (saved with the run and to W&B).
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, resolved: dict[str, Any]) -> None:
+        self.cfg, self.run_dir, self.resolved = cfg, run_dir, resolved
+        tc = cfg.trainer
+        seed_everything(cfg.seed, tc.deterministic)
+        # Fail fast on method options before any data is loaded.
+        self.plugins: dict[str, Plugin] = {
+            **{f"norm.{k}": v for k, v in build_plugins("norm", cfg.norm).items()},
+            **{f"regularizer.{k}": v for k, v in build_plugins("regularizer", cfg.regularizer).items()},
+        }
+        check_dataset_config(cfg.dataset)
+        self.device = resolve_device(tc.device)
+        self.keys = group_keys(cfg)
+        model = Classifier(create_backbone(cfg.backbone.library, cfg.backbone.name, cfg.backbone.pretrained,
+                                           **cfg.backbone.kwargs),
+                           cfg.dataset.num_classes, cfg.backbone.bottleneck_dim)
+        for plugin in self.plugins.values():
+            model = plugin.transform_model(model)
+        self.model = model.to(self.device)
+        self.data: DataModule = build_data(cfg.dataset, cfg.seed)
+        for plugin in self.plugins.values():
+            plugin.to(self.device)
+        self.ctx = SetupContext(self.data, self.device, run_dir, resolved)
+        for plugin in self.plugins.values():
+            plugin.setup(self.ctx)
+
+        groups = self.model.get_parameters(cfg.optim.lr, cfg.optim.backbone_lr_mult)
+        for plugin in self.plugins.values():
+            groups += plugin.param_groups(cfg.optim.lr)
+        self.optimizer = build_optimizer(cfg.optim, groups)
+        self.iters_per_epoch = tc.iters_per_epoch or max(1, math.ceil(len(self.data.train) / tc.batch_size))
+        self.total_steps = tc.epochs * self.iters_per_epoch
+        if tc.max_steps is not None:
+            self.total_steps = min(self.total_steps, tc.max_steps)
+        self.eval_every = tc.eval_every or self.iters_per_epoch
+        self.scheduler = build_scheduler(cfg.optim.scheduler, self.optimizer, self.total_steps)
+        amp_dtype = getattr(torch, str(getattr(tc.amp_dtype, "value", tc.amp_dtype)))
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if tc.amp else contextlib.nullcontext
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=tc.amp and amp_dtype == torch.float16 and self.device.type == "cuda")
+
+        self.source_loader = ForeverLoader(self.data.train, tc.batch_size, seed=2 * cfg.seed, num_workers=tc.num_workers)
+        self.uses_target = any(p.uses_target for p in self.plugins.values())
+        if self.uses_target and self.data.unlabeled is None:
+            names = [n for n, p in self.plugins.items() if p.uses_target]
+            raise ConfigError(f"{names} need unlabelled target data; set dataset.setting=da.")
+        self.target_loader = (ForeverLoader(self.data.unlabeled, tc.batch_size, seed=2 * cfg.seed + 1,
+                                            num_workers=tc.num_workers) if self.uses_target else None)
+
+        self.results = ResultsFile(run_dir)
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.step = 0
+        self.elapsed = 0.0
+        self.best: dict[str, Any] = {}
+        self._maybe_resume()
+
+    # ---------------------------------------------------------------- checkpoints
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "plugins": {n: p.state_dict() for n, p in self.plugins.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "loaders": {"source": self.source_loader.state_dict(),
+                        "target": self.target_loader.state_dict() if self.target_loader else None},
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "best": self.best,
+            "keys": self.keys,
+        }
+
+    def _maybe_resume(self) -> None:
+        path = self.ckpt_dir / "last.pt"
+        if not path.exists():
+            if self.cfg.trainer.resume:
+                raise CheckpointError(f"trainer.resume=true but {path} does not exist; pass the run dir to resume "
+                                      "as hydra.run.dir=<run dir>, or drop trainer.resume.")
+            return
+        state = load_checkpoint(path)
+        try:
+            self.model.load_state_dict(state["model"])
+            for name, plugin in self.plugins.items():
+                plugin.load_state_dict(state["plugins"][name])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{path} was written by a different model or method set "
+                                  f"({str(e).splitlines()[0]}); resume with the run's own config "
+                                  "(<run dir>/config.yaml) or use a new hydra.run.dir.") from e
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.source_loader.load_state_dict(state["loaders"]["source"])
+        if self.target_loader is not None:
+            self.target_loader.load_state_dict(state["loaders"]["target"])
+        self.step, self.elapsed, self.best = state["step"], state["elapsed"], state["best"]
+        self.results.truncate_after(self.step)
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def _save(self, metrics: dict[str, float]) -> None:
+        if not self.cfg.trainer.save_checkpoints:
+            return
+        save_atomic(self._state(), self.ckpt_dir / "last.pt")
+        if self.best.get("step") == self.step:
+            save_atomic({"model": self.model.state_dict(),
+                         "plugins": {n: p.state_dict() for n, p in self.plugins.items()},
+                         "step": self.step, "metrics": metrics, "keys": self.keys}, self.ckpt_dir / "best.pt")
+
+    # ---------------------------------------------------------------- steps
+    def train_step(self) -> tuple[dict[str, Tensor], Tensor]:
+        """One optimizer step; returns the named loss terms and the labelled-batch accuracy."""
+        x_s, y_s, d_s = (t.to(self.device, non_blocking=True) for t in next(self.source_loader))
+        x_t = next(self.target_loader)[0].to(self.device, non_blocking=True) if self.target_loader else None
+        with self.autocast():
+            logits, f = self.model(x_s if x_t is None else torch.cat([x_s, x_t]))
+            n = len(x_s)
+            out = StepOutput(step=self.step, model=self.model, x_s=x_s, y_s=y_s, d_s=d_s,
+                             logits_s=logits[:n], f_s=f[:n], x_t=x_t,
+                             logits_t=None if x_t is None else logits[n:], f_t=None if x_t is None else f[n:])
+            terms = {"ce": F.cross_entropy(out.logits_s.float(), y_s)}
+            for name, plugin in self.plugins.items():
+                terms.update({f"{name}/{k}": v for k, v in plugin.loss(out).items()})
+            loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+            last = self.ckpt_dir / "last.pt"
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at step {self.step + 1} ({values}). The last good checkpoint "
+                f"{'is ' + str(last) if last.exists() else 'does not exist yet'}. Lower optim.lr, set "
+                "trainer.grad_clip, or reduce the weight of the diverging loss term.")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.trainer.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            nn.utils.clip_grad_norm_(params, self.cfg.trainer.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        for plugin in self.plugins.values():
+            plugin.after_step(self.model)
+        acc = (out.logits_s.argmax(1) == y_s).float().mean()
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}, acc
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Accuracy and mean cross-entropy on every evaluation split."""
+        model = self.model
+        for plugin in self.plugins.values():
+            model = plugin.eval_model(model, self.ctx)
+        was_training = self.model.training
+        model.eval()
+        metrics: dict[str, float] = {}
+        for split, dataset in self.data.eval_splits.items():
+            correct, loss, n = 0, 0.0, 0
+            for x, y, _ in eval_loader(dataset, self.cfg.trainer.eval_batch_size, self.cfg.trainer.num_workers):
+                x, y = x.to(self.device), y.to(self.device)
+                with self.autocast():
+                    logits, _ = model(x)
+                loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
+                correct += (logits.argmax(1) == y).sum().item()
+                n += len(y)
+            metrics[f"{split}/acc"], metrics[f"{split}/loss"] = correct / n, loss / n
+        self.model.train(was_training)
+        return metrics
+
+    # ---------------------------------------------------------------- loop
+    def fit(self, wandb_run: WandbRun | None = None) -> dict[str, Any]:
+        """Train to ``total_steps`` (evaluating and checkpointing every ``eval_every`` steps and at
+        the end), then write ``summary.json`` and the ``done`` marker; return the summary."""
+        tc = self.cfg.trainer
+        self.model.train()
+        sums: dict[str, float] = {}
+        count, images, tick = 0, 0, time.perf_counter()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=tc.quiet, desc="train", dynamic_ncols=True)
+        while self.step < self.total_steps:
+            terms, acc = self.train_step()
+            self.step += 1
+            count += 1
+            images += tc.batch_size
+            for k, v in {**terms, "acc": acc}.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            now = time.perf_counter()
+            bar.update(1)
+            bar.set_postfix(loss=f"{terms['loss'].item():.3f}", acc=f"{acc.item():.3f}",
+                            img_s=f"{images / max(now - tick, 1e-9):.0f}", refresh=False)
+            if self.step % self.eval_every == 0 or self.step == self.total_steps:
+                self.elapsed += now - tick
+                train = {f"train/{k}": v / count for k, v in sums.items()}
+                self._evaluate_and_record(train, wandb_run)
+                sums, count, images, tick = {}, 0, 0, time.perf_counter()
+        bar.close()
+        return self._finish()
+
+    def _evaluate_and_record(self, train: dict[str, float], wandb_run: WandbRun | None) -> None:
+        metrics = {**train, **self.evaluate()}
+        record = {"step": self.step, "epoch": round(self.step / self.iters_per_epoch, 4),
+                  "time": round(self.elapsed, 3), "lr": self.optimizer.param_groups[-1]["lr"],
+                  **metrics, **self.keys}
+        sel = self.data.selection_split
+        score = metrics[f"{sel}/acc"] if sel else self.step
+        if not self.best or score >= self.best["score"]:
+            self.best = {"step": self.step, "score": score, "metrics": metrics}
+        self.results.append(record)
+        if wandb_run is not None:
+            wandb_run.log({k: record[k] for k in ("step", "epoch", "lr", *metrics)})
+        if not self.cfg.trainer.quiet:
+            shown = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("/acc"))
+            tqdm.write(f"step {self.step}/{self.total_steps} | {shown}")
+        self._save(metrics)
+
+    def _finish(self) -> dict[str, Any]:
+        records = self.results.records()
+        summary = {
+            **self.keys,
+            "run_dir": str(self.run_dir),
+            "steps": self.step,
+            "time": round(self.elapsed, 3),
+            "selection_split": self.data.selection_split,
+            "final": {k: v for k, v in records[-1].items() if "/" in k} if records else {},
+            "best": self.best,
+            "num_params": sum(p.numel() for p in self.model.parameters()),
+        }
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        (self.run_dir / "done").write_text("")
+        return summary
