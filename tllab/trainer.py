@@ -76,6 +76,8 @@ class Trainer:
             **{f"regularizer.{k}": v for k, v in build_plugins("regularizer", cfg.regularizer).items()},
         }
         check_dataset_config(cfg.dataset)
+        if cfg.dataset.setting == "finetune" and not cfg.backbone.pretrained:
+            log.warning("fine-tuning from random init (backbone.pretrained=null): the train-from-scratch baseline")
         self.device = resolve_device(tc.device)
         self.keys = group_keys(cfg)
         model = Classifier(create_backbone(cfg.backbone.library, cfg.backbone.name, cfg.backbone.pretrained,

@@ -1,0 +1,52 @@
+"""Shared fixtures: compose configs like the command line does, and run short trainings."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+from tllab.schema import register_configs
+
+TESTS = Path(__file__).parent
+# Fast settings for end-to-end runs: a few steps, no progress bar.
+FAST = ["trainer.max_steps=6", "trainer.eval_every=3", "trainer.quiet=true", "trainer.eval_batch_size=512"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Build the embedded domains once per session, in a private cache (never the user's)."""
+    path = tmp_path_factory.mktemp("tllab-cache")
+    os.environ["TLLAB_CACHE_DIR"] = str(path)
+    os.environ["WANDB_MODE"] = "disabled"
+    return path
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose ``train.yaml`` with ``overrides`` (plus tests/configs on the search path)."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="tllab.configs", version_base="1.3"):
+        return compose("train", overrides=[f"hydra.searchpath=[file://{TESTS / 'configs'}]", *overrides])
+
+
+@pytest.fixture
+def compose_cfg() -> Callable[..., DictConfig]:
+    return compose_config
+
+
+@pytest.fixture
+def train_run(tmp_path: Path) -> Callable[..., dict[str, Any]]:
+    """``train_run(*overrides, run_dir=None)`` trains in-process and returns the summary."""
+    from tllab.train import run
+
+    def _run(*overrides: str, run_dir: Path | None = None) -> dict[str, Any]:
+        return run(compose_config([*FAST, *overrides]), run_dir or tmp_path / "run")
+
+    return _run

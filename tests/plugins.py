@@ -1,0 +1,57 @@
+"""Small plug-ins used to test the trainer's plug-in interface."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from tllab.plugin import Plugin, SetupContext, StepOutput
+
+
+class Recorder(Plugin):
+    """Records which hooks ran, adds ``weight * mean(f_t^2)`` (needs target data), owns one
+    trainable scalar and keeps it clamped to [0, 1] after every step."""
+
+    uses_target = True
+
+    def __init__(self, weight: float = 0.1, tag: str = "r") -> None:
+        super().__init__()
+        self.weight, self.tag = weight, tag
+        self.gate = nn.Parameter(torch.tensor(2.0))
+        self.calls: list[str] = []
+        self.target_labels_seen: list[int] = []
+
+    def transform_model(self, model):
+        self.calls.append("transform_model")
+        model.recorder_tags = [*getattr(model, "recorder_tags", []), self.tag]
+        return model
+
+    def setup(self, ctx: SetupContext) -> None:
+        self.calls.append(f"setup:{len(ctx.data.train)}")
+
+    def loss(self, out: StepOutput) -> dict[str, Tensor]:
+        self.calls.append("loss")
+        assert out.f_t is not None and out.f_t.shape[0] == out.x_t.shape[0]
+        return {"feat": self.weight * out.f_t.pow(2).mean() + 0 * self.gate}
+
+    def after_step(self, model) -> None:
+        with torch.no_grad():
+            self.gate.clamp_(0, 1)
+
+    def eval_model(self, model, ctx):
+        self.calls.append("eval_model")
+        return copy.deepcopy(model)
+
+
+class NanAt(Plugin):
+    """Returns a NaN loss term at optimizer step ``at_step`` (1-based)."""
+
+    def __init__(self, at_step: int = 3) -> None:
+        super().__init__()
+        self.at_step = at_step
+
+    def loss(self, out: StepOutput) -> dict[str, Tensor]:
+        value = float("nan") if out.step + 1 == self.at_step else 0.0
+        return {"bad": out.logits_s.new_tensor(value)}

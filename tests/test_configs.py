@@ -1,0 +1,134 @@
+"""Every config option composes and instantiates; bad configs fail early and readably."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from tests.conftest import compose_config
+from tllab.data import check_dataset_config
+from tllab.errors import ConfigError
+from tllab.models import Classifier, create_backbone
+from tllab.optim import build_optimizer, build_scheduler
+from tllab.plugin import build_plugins
+from tllab.train import resolve_config
+
+CONFIGS = Path(__file__).parents[1] / "tllab" / "configs"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def test_top_level_configs_dir_is_the_package_configs():
+    top = Path(__file__).parents[1] / "configs"
+    assert top.resolve() == CONFIGS.resolve()
+    assert (top / "train.yaml").is_file()
+
+
+@pytest.mark.parametrize("name", options("backbone"))
+def test_every_backbone_builds_and_classifies(name):
+    cfg, _ = resolve_config(compose_config([f"backbone={name}"]))
+    b = cfg.backbone
+    model = Classifier(create_backbone(b.library, b.name, b.pretrained, **b.kwargs), 10, b.bottleneck_dim).eval()
+    logits, f = model(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 10) and f.shape == (2, model.features_dim)
+
+
+@pytest.mark.parametrize("name", options("optim"))
+def test_every_optimizer_and_schedule_builds(name):
+    cfg, _ = resolve_config(compose_config([f"optim={name}"]))
+    model = torch.nn.Linear(3, 2)
+    opt = build_optimizer(cfg.optim, [{"params": model.parameters(), "lr": cfg.optim.lr}])
+    sched = build_scheduler(cfg.optim.scheduler, opt, total_steps=100)
+    assert opt.param_groups[0]["lr"] == pytest.approx(cfg.optim.lr)
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] <= cfg.optim.lr
+
+
+@pytest.mark.parametrize("group", ["dataset", "trainer", "logger"])
+def test_every_option_of_plain_groups_composes(group):
+    for name in options(group):
+        cfg, resolved = resolve_config(compose_config([f"{group}={name}"]))
+        assert resolved[group]
+        if group == "dataset":
+            check_dataset_config(cfg.dataset)
+
+
+@pytest.mark.parametrize("group", ["norm", "regularizer"])
+def test_method_groups_start_with_none(group):
+    cfg, _ = resolve_config(compose_config([f"{group}=none"]))
+    assert getattr(cfg, group) == {}
+    assert build_plugins(group, getattr(cfg, group)) == {}
+    for name in options(group):
+        build_plugins(group, getattr(resolve_config(compose_config([f"{group}={name}"]))[0], group))
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_every_experiment_composes(name):
+    cfg, _ = resolve_config(compose_config([f"experiment={name}"]))
+    assert cfg.experiment == name
+    check_dataset_config(cfg.dataset)
+
+
+def test_stacked_methods_keep_selection_order():
+    cfg, _ = resolve_config(compose_config(["norm=[recorder]", "regularizer=[nan_at]", "norm.recorder.weight=0.5"]))
+    assert list(cfg.norm) == ["recorder"] and cfg.norm["recorder"]["weight"] == 0.5
+    plugins = build_plugins("norm", cfg.norm)
+    assert plugins["recorder"].weight == 0.5
+
+
+def _composition_error(overrides: list[str]) -> str:
+    with pytest.raises((ConfigCompositionException, ConfigKeyError, ValidationError)) as info:
+        compose_config(overrides)
+    err = info.value
+    return f"{err} {err.__cause__ or ''}"
+
+
+def test_typo_key_is_rejected():
+    msg = _composition_error(["trainer.max_stpes=5"])
+    assert "max_stpes" in msg and "TrainerConfig" in msg
+
+
+def test_wrong_type_is_rejected():
+    msg = _composition_error(["trainer.max_steps=abc"])
+    assert "could not be converted to Integer" in msg and "trainer.max_steps" in msg
+
+
+def test_unknown_group_option_is_rejected():
+    msg = _composition_error(["backbone=resnet999"])
+    assert "Could not find 'backbone/resnet999'" in msg
+
+
+def test_unknown_enum_value_is_rejected():
+    msg = _composition_error(["optim.name=rmsprop"])
+    assert "rmsprop" in msg and "sgd" in msg
+
+
+def test_unknown_plugin_option_is_rejected_before_data():
+    cfg, _ = resolve_config(compose_config(["norm=[recorder]", "+norm.recorder.wieght=1"]))
+    with pytest.raises(ConfigError, match=r"norm.recorder: unknown option\(s\) \['wieght'\]; valid options"):
+        build_plugins("norm", cfg.norm)
+
+
+def test_missing_mandatory_value_names_the_key():
+    with pytest.raises(ConfigError, match="backbone.pretrained must be set"):
+        resolve_config(compose_config(["backbone.pretrained=???"]))
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (["dataset.source=[mnsit]"], "mnsit"),
+    (["dataset.setting=dg", "dataset.source=[mnist,mnistm]"], "both a source and a target"),
+    (["dataset.labels_per_class=5"], "set dataset.setting=finetune"),
+    (["dataset.setting=finetune", "dataset.sample_rate=150"], r"percentage in \(0, 100\]"),
+    (["dataset.name=office99"], "unknown dataset 'office99'"),
+])
+def test_bad_dataset_configs_are_rejected(overrides, match):
+    cfg, _ = resolve_config(compose_config(overrides))
+    with pytest.raises(ConfigError, match=match):
+        check_dataset_config(cfg.dataset)

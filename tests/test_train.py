@@ -1,0 +1,176 @@
+"""End-to-end behaviour of the trainer: outputs, resume, NaN handling, plug-ins, wandb."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import FAST, compose_config
+from tllab.errors import NonFiniteLossError
+from tllab.train import resolve_config
+from tllab.trainer import Trainer
+
+ROOT = Path(__file__).parents[1]
+EVAL_SPLITS = ("source_val", "source_test", "target_test")
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+
+
+def test_short_run_writes_config_records_summary_and_done(train_run, tmp_path):
+    summary = train_run("seed=3")
+    run_dir = tmp_path / "run"
+    assert (run_dir / "done").exists()
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["seed"] == 3 and config["dataset"]["target"] == ["mnistm"]
+    assert "${" not in (run_dir / "config.yaml").read_text()
+    recs = records(run_dir)
+    assert [r["step"] for r in recs] == [3, 6]
+    for r in recs:
+        for split in EVAL_SPLITS:
+            assert 0.0 <= r[f"{split}/acc"] <= 1.0 and r[f"{split}/loss"] > 0
+        assert r["train/loss"] > 0 and r["time"] > 0 and r["lr"] == pytest.approx(1e-3)
+        assert {k: r[k] for k in ("backbone", "norm", "regularizer", "dataset", "source", "target", "seed")} == {
+            "backbone": "digits_cnn", "norm": "none", "regularizer": "none", "dataset": "digits",
+            "source": "mnist", "target": "mnistm", "seed": 3}
+    assert recs[1]["epoch"] == pytest.approx(6 / 57, abs=1e-4)  # 3,600 train images / 64
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    assert saved["final"]["target_test/acc"] == recs[-1]["target_test/acc"]
+    assert saved["best"]["step"] in (3, 6) and saved["selection_split"] == "source_val"
+    assert (run_dir / "checkpoints" / "last.pt").exists() and (run_dir / "checkpoints" / "best.pt").exists()
+    # A completed run dir is not trained again.
+    mtime = (run_dir / "results.jsonl").stat().st_mtime_ns
+    assert train_run("seed=3")["final"] == summary["final"]
+    assert (run_dir / "results.jsonl").stat().st_mtime_ns == mtime
+
+
+def test_training_learns_source(train_run):
+    summary = train_run("trainer.max_steps=40", "trainer.eval_every=40")
+    assert summary["final"]["source_test/acc"] > 0.8
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(train_run, tmp_path, monkeypatch):
+    overrides = ("trainer.deterministic=true", "trainer.max_steps=9", "trainer.eval_every=3", "optim=sgd")
+    train_run(*overrides, run_dir=tmp_path / "a")
+
+    original = Trainer.train_step
+
+    def crash_at_step_5(self):
+        if self.step == 5:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(*overrides, run_dir=tmp_path / "b")
+    assert not (tmp_path / "b" / "done").exists()
+    assert torch.load(tmp_path / "b/checkpoints/last.pt", weights_only=True)["step"] == 3
+    monkeypatch.setattr(Trainer, "train_step", original)
+    train_run(*overrides, run_dir=tmp_path / "b")
+
+    def metrics(run):
+        return [{k: v for k, v in r.items() if k != "time"} for r in records(tmp_path / run)]
+
+    assert [r["step"] for r in records(tmp_path / "b")] == [3, 6, 9]
+    assert metrics("a") == metrics("b")
+    wa = torch.load(tmp_path / "a/checkpoints/last.pt", weights_only=True)
+    wb = torch.load(tmp_path / "b/checkpoints/last.pt", weights_only=True)
+    for key in wa["model"]:
+        assert torch.equal(wa["model"][key], wb["model"][key]), key
+    assert wa["optimizer"]["state"][0]["momentum_buffer"].equal(wb["optimizer"]["state"][0]["momentum_buffer"])
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(train_run, tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 5 .*regularizer.nan_at/bad=nan.*last.pt"):
+        train_run("regularizer=[nan_at]", "regularizer.nan_at.at_step=5")
+    run_dir = tmp_path / "run"
+    assert not (run_dir / "done").exists()
+    assert torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["step"] == 3
+    assert [r["step"] for r in records(run_dir)] == [3]
+
+
+def test_plugin_hooks_run_in_order_and_stack_across_groups(tmp_path):
+    cfg, resolved = resolve_config(compose_config([*FAST, "norm=[recorder]", "regularizer=[recorder]"]))
+    trainer = Trainer(cfg, tmp_path, resolved)
+    assert trainer.model.recorder_tags == ["norm", "reg"]
+    summary = trainer.fit()
+    norm, reg = trainer.plugins["norm.recorder"], trainer.plugins["regularizer.recorder"]
+    assert norm.calls[:2] == ["transform_model", f"setup:{len(trainer.data.train)}"]
+    assert norm.calls.count("loss") == 6 and norm.calls.count("eval_model") == 2
+    assert 0.0 <= norm.gate.item() <= 1.0  # after_step clamped the plug-in's own parameter
+    assert any(norm.gate is p for g in trainer.optimizer.param_groups for p in g["params"])
+    rec = records(tmp_path)[-1]
+    assert rec["norm"] == "recorder" and rec["regularizer"] == "recorder"
+    assert rec["train/norm.recorder/feat"] > 0 and rec["train/regularizer.recorder/feat"] > 0
+    assert rec["train/loss"] == pytest.approx(rec["train/ce"] + rec["train/norm.recorder/feat"]
+                                              + rec["train/regularizer.recorder/feat"], rel=1e-5)
+    assert summary["norm"] == "recorder"
+
+
+def test_dg_and_finetune_settings(train_run, tmp_path):
+    dg = train_run("experiment=digits_dg", "dataset.source=[mnist,uci]", run_dir=tmp_path / "dg")
+    assert {"source_val/mnist/acc", "source_val/uci/acc", "target_test/acc"} <= set(dg["final"])
+    assert dg["source"] == "mnist+uci" and dg["setting"] == "dg"
+    ckpt = tmp_path / "dg" / "checkpoints" / "last.pt"
+    ft = train_run("experiment=digits_finetune", f"backbone.pretrained={ckpt}", run_dir=tmp_path / "ft")
+    assert ft["selection_split"] == "target_val" and "target_test/acc" in ft["final"]
+
+
+def wandb_config_items(run_file: Path, keys: list[str]) -> dict:
+    """Read config items from an offline ``.wandb`` log: each is a protobuf ConfigItem holding
+    the key and (field 16, tag 0x82 0x01) a length-prefixed JSON value."""
+    data, out = run_file.read_bytes(), {}
+    for key in keys:
+        i = data.rfind(key.encode() + b"\x82\x01")
+        assert i >= 0, f"config key {key} not in {run_file}"
+        i += len(key) + 2
+        length, shift = 0, 0
+        while True:  # protobuf varint
+            byte = data[i]
+            length |= (byte & 0x7F) << shift
+            i, shift = i + 1, shift + 7
+            if byte < 0x80:
+                break
+        out[key] = json.loads(data[i:i + length])
+    return out
+
+
+def test_wandb_offline_run_holds_resolved_config(train_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train_run("logger=wandb", "trainer.max_steps=3", "seed=7")
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    (run_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    assert wandb_config_items(run_file, list(resolved)) == resolved
+    assert resolved["seed"] == 7 and resolved["logger"]["wandb"] is True
+
+
+@pytest.mark.slow
+def test_cli_main_job_prints_table_and_bad_config_fails_cleanly(tmp_path):
+    run_dir = tmp_path / "cli"
+    out = subprocess.run([sys.executable, "-m", "tllab.train", "trainer.max_steps=5", "trainer.quiet=true",
+                          f"hydra.run.dir={run_dir}"], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert "target_test/acc" in out.stdout and str(run_dir) in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "tllab.train", "dataset.source=[mnsit]",
+                          f"hydra.run.dir={tmp_path / 'bad'}"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 1
+    assert "tllab: error: dataset digits:" in bad.stderr and "mnsit" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert "mnsit" in (tmp_path / "bad" / "error.txt").read_text()
+
+
+@pytest.mark.slow
+def test_main_job_reproduces_the_reference_gap(train_run):
+    """The README's main job (3 epochs, mnist -> mnistm): reference 0.956 source / 0.349 target."""
+    summary = train_run("trainer.max_steps=null", "trainer.eval_every=null")
+    assert summary["steps"] == 3 * 57
+    assert summary["final"]["source_test/acc"] > 0.93
+    assert 0.15 < summary["final"]["target_test/acc"] < 0.6
