@@ -103,6 +103,7 @@ def test_plugin_hooks_run_in_order_and_stack_across_groups(tmp_path):
     assert trainer.model.recorder_tags == ["norm", "reg"]
     summary = trainer.fit()
     norm, reg = trainer.plugins["norm.recorder"], trainer.plugins["regularizer.recorder"]
+    assert reg.calls.count("loss") == 6 and reg.weight == 0.2
     assert norm.calls[:2] == ["transform_model", f"setup:{len(trainer.data.train)}"]
     assert norm.calls.count("loss") == 6 and norm.calls.count("eval_model") == 2
     assert 0.0 <= norm.gate.item() <= 1.0  # after_step clamped the plug-in's own parameter

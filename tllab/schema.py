@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -54,26 +54,26 @@ class BackboneConfig:
     library: Library = Library.tllab
     name: str = "digits_cnn"
     # None (random init), "imagenet" (offline weights where tllab ships them) or a checkpoint path
-    pretrained: Optional[str] = None
-    bottleneck_dim: Optional[int] = None
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None
+    bottleneck_dim: int | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class DatasetConfig:
     name: str = "digits"
     setting: Setting = Setting.da
-    source: List[str] = field(default_factory=lambda: ["mnist"])
-    target: List[str] = field(default_factory=lambda: ["mnistm"])
+    source: list[str] = field(default_factory=lambda: ["mnist"])
+    target: list[str] = field(default_factory=lambda: ["mnistm"])
     num_classes: int = 10
     val_fraction: float = 0.1  # held out of each source train split for model selection
-    labels_per_class: Optional[int] = None  # finetune: labelled target images per class
-    sample_rate: Optional[float] = None  # finetune: percent of the target train split (tllib)
+    labels_per_class: int | None = None  # finetune: labelled target images per class
+    sample_rate: float | None = None  # finetune: percent of the target train split (tllib)
     image_size: int = 32
-    mean: List[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: List[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     data_seed: int = 0  # seed of the domain generation (mnistm/synth/corruptions)
-    root: Optional[str] = None  # data folder for file-based datasets; cache folder for digits
+    root: str | None = None  # data folder for file-based datasets; cache folder for digits
 
 
 @dataclass
@@ -81,7 +81,7 @@ class SchedulerConfig:
     name: SchedulerName = SchedulerName.none
     warmup_steps: int = 0
     warmup_start_factor: float = 0.01
-    milestones: List[int] = field(default_factory=list)  # step: steps at which lr *= gamma
+    milestones: list[int] = field(default_factory=list)  # step: steps at which lr *= gamma
     gamma: float = 0.1
     inv_gamma: float = 0.001
     inv_power: float = 0.75
@@ -95,7 +95,7 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     backbone_lr_mult: float = 1.0  # tllib uses 0.1 when fine-tuning a pretrained backbone
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -104,14 +104,14 @@ class OptimConfig:
 class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     epochs: int = 3
-    iters_per_epoch: Optional[int] = None  # None: one pass over the labelled train set
+    iters_per_epoch: int | None = None  # None: one pass over the labelled train set
     batch_size: int = 64
     eval_batch_size: int = 256
-    eval_every: Optional[int] = None  # steps between evaluations; None: every epoch
-    max_steps: Optional[int] = None  # smoke mode: stop after this many optimizer steps
+    eval_every: int | None = None  # steps between evaluations; None: every epoch
+    max_steps: int | None = None  # smoke mode: stop after this many optimizer steps
     amp: bool = False
     amp_dtype: AmpDtype = AmpDtype.bfloat16
-    grad_clip: Optional[float] = None  # max global gradient norm
+    grad_clip: float | None = None  # max global gradient norm
     deterministic: bool = False
     resume: bool = False  # require a checkpoint in the run dir (resuming is automatic anyway)
     save_checkpoints: bool = True
@@ -123,11 +123,11 @@ class TrainerConfig:
 class LoggerConfig:
     wandb: bool = False
     project: str = "tllab"
-    entity: Optional[str] = None
+    entity: str | None = None
     mode: str = "offline"  # offline | online | disabled (WANDB_MODE overrides)
-    group: Optional[str] = None  # default: "<dataset>/<source>-><target>"
+    group: str | None = None  # default: "<dataset>/<source>-><target>"
     job_type: str = "train"
-    tags: List[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -135,8 +135,8 @@ class TrainConfig:
     experiment: str = "default"
     seed: int = 0
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    norm: Dict[str, Any] = field(default_factory=dict)
-    regularizer: Dict[str, Any] = field(default_factory=dict)
+    norm: dict[str, Any] = field(default_factory=dict)
+    regularizer: dict[str, Any] = field(default_factory=dict)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

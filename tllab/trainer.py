@@ -104,11 +104,13 @@ class Trainer:
         self.eval_every = tc.eval_every or self.iters_per_epoch
         self.scheduler = build_scheduler(cfg.optim.scheduler, self.optimizer, self.total_steps)
         amp_dtype = getattr(torch, str(getattr(tc.amp_dtype, "value", tc.amp_dtype)))
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if tc.amp else contextlib.nullcontext
+        self.autocast = (
+            (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if tc.amp else contextlib.nullcontext)
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=tc.amp and amp_dtype == torch.float16 and self.device.type == "cuda")
 
-        self.source_loader = ForeverLoader(self.data.train, tc.batch_size, seed=2 * cfg.seed, num_workers=tc.num_workers)
+        self.source_loader = ForeverLoader(self.data.train, tc.batch_size, seed=2 * cfg.seed,
+                                           num_workers=tc.num_workers)
         self.uses_target = any(p.uses_target for p in self.plugins.values())
         if self.uses_target and self.data.unlabeled is None:
             names = [n for n, p in self.plugins.items() if p.uses_target]

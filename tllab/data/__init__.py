@@ -167,8 +167,8 @@ def build_data(cfg: DatasetConfig, seed: int) -> DataModule:
         evals.update(_eval_entries("target_test", [name], [test]))
         if cfg.source:
             evals.update(_eval_entries("source_test", list(cfg.source), [load(s)[1] for s in cfg.source]))
-        return DataModule(train=train.subset(pool[chosen]), eval_splits=evals, selection_split="target_val" if len(val) else None,
-                          train_domains=[name])
+        return DataModule(train=train.subset(pool[chosen]), eval_splits=evals,
+                          selection_split="target_val" if len(val) else None, train_domains=[name])
 
     train_parts, val_parts = [], []
     for i, name in enumerate(cfg.source):
