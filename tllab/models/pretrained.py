@@ -80,11 +80,15 @@ def backbone_state_from_file(path: str | Path) -> dict[str, Tensor]:
 def load_backbone_checkpoint(backbone: nn.Module, path: str | Path) -> None:
     """Load :func:`backbone_state_from_file` into ``backbone`` strictly, with a readable error."""
     state = backbone_state_from_file(path)
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
-    mismatched = [k for k, v in backbone.state_dict().items() if k in state and state[k].shape != v.shape]
+    own = backbone.state_dict()
+    # BatchNorm fills in a missing num_batches_tracked itself (older checkpoints lack it)
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k, v in own.items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or mismatched:
         raise CheckpointError(
             f"pretrained checkpoint {str(path)!r} does not fit this backbone: "
             f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
             f"{len(mismatched)} with other shapes (e.g. {mismatched[:3]}). Use a checkpoint of the same backbone."
         )
+    backbone.load_state_dict(state)

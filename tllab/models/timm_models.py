@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 import timm
 from torch import nn
 
@@ -19,7 +21,7 @@ def timm_backbone(name: str, **kwargs) -> nn.Module:
         512
     """
     if not timm.is_model(name):
-        similar = timm.list_models(f"*{name.split('_')[0]}*")[:10]
+        similar = difflib.get_close_matches(name, timm.list_models(), n=8, cutoff=0.6)
         raise ConfigError(f"unknown timm model {name!r}; similar names: {similar}. "
                           "Set backbone.name to a name from timm.list_models().")
     model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
