@@ -12,13 +12,14 @@ from tllab.plugin import Plugin, SetupContext, StepOutput
 
 class Recorder(Plugin):
     """Records which hooks ran, adds ``weight * mean(f_t^2)`` (needs target data), owns one
-    trainable scalar and keeps it clamped to [0, 1] after every step."""
+    trainable scalar and keeps it clamped to [0, 1] after every step; with ``freeze_head_bias``
+    it claims the model's head bias into its own group with lr 0."""
 
     uses_target = True
 
-    def __init__(self, weight: float = 0.1, tag: str = "r") -> None:
+    def __init__(self, weight: float = 0.1, tag: str = "r", freeze_head_bias: bool = False) -> None:
         super().__init__()
-        self.weight, self.tag = weight, tag
+        self.weight, self.tag, self.freeze_head_bias = weight, tag, freeze_head_bias
         self.gate = nn.Parameter(torch.tensor(2.0))
         self.calls: list[str] = []
         self.target_labels_seen: list[int] = []
@@ -30,6 +31,13 @@ class Recorder(Plugin):
 
     def setup(self, ctx: SetupContext) -> None:
         self.calls.append(f"setup:{len(ctx.data.train)}")
+        self.head_bias_at_setup = ctx.model.head.bias.detach().clone()
+
+    def param_groups(self, model, base_lr):
+        groups = [{"params": [self.gate], "lr": base_lr}]
+        if self.freeze_head_bias:
+            groups.append({"params": [model.head.bias], "lr": 0.0, "weight_decay": 0.0, "name": "frozen"})
+        return groups
 
     def loss(self, out: StepOutput) -> dict[str, Tensor]:
         self.calls.append("loss")

@@ -108,6 +108,10 @@ def test_plugin_hooks_run_in_order_and_stack_across_groups(tmp_path):
     assert norm.calls.count("loss") == 6 and norm.calls.count("eval_model") == 2
     assert 0.0 <= norm.gate.item() <= 1.0  # after_step clamped the plug-in's own parameter
     assert any(norm.gate is p for g in trainer.optimizer.param_groups for p in g["params"])
+    # A model parameter claimed by a plug-in sits only in the plug-in's group (lr 0: unchanged).
+    bias = trainer.model.head.bias
+    owners = [g.get("name") for g in trainer.optimizer.param_groups for p in g["params"] if p is bias]
+    assert owners == ["frozen"] and torch.equal(bias.detach(), norm.head_bias_at_setup)
     rec = records(tmp_path)[-1]
     assert rec["norm"] == "recorder" and rec["regularizer"] == "recorder"
     assert rec["train/norm.recorder/feat"] > 0 and rec["train/regularizer.recorder/feat"] > 0
@@ -175,3 +179,34 @@ def test_main_job_reproduces_the_reference_gap(train_run):
     assert summary["steps"] == 3 * 57
     assert summary["final"]["source_test/acc"] > 0.93
     assert 0.15 < summary["final"]["target_test/acc"] < 0.6
+
+
+def test_grad_clip_bounds_the_update_and_amp_runs_on_cpu(tmp_path):
+    cfg, resolved = resolve_config(compose_config([*FAST, "trainer.grad_clip=0.01"]))
+    trainer = Trainer(cfg, tmp_path / "clip", resolved)
+    trainer.train_step()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.model.parameters()]))
+    assert norm == pytest.approx(0.01, rel=1e-4)  # the raw gradient norm is far larger
+
+    cfg, resolved = resolve_config(compose_config([*FAST, "trainer.amp=true", "trainer.amp_dtype=bfloat16"]))
+    trainer = Trainer(cfg, tmp_path / "amp", resolved)
+    with trainer.autocast():
+        logits, _ = trainer.model(torch.randn(2, 3, 32, 32))
+    assert logits.dtype == torch.bfloat16
+    summary = trainer.fit()
+    assert summary["final"]["source_test/acc"] > 0.2
+
+
+def test_resuming_with_another_model_or_a_corrupt_checkpoint_fails_clearly(train_run, tmp_path):
+    from tllab.errors import CheckpointError
+
+    run_dir = tmp_path / "run"
+    train_run("trainer.max_steps=3", "trainer.eval_every=3")
+    (run_dir / "done").unlink()
+    with pytest.raises(CheckpointError, match=r"different model .*resume with the run's own config"):
+        train_run("trainer.max_steps=6", "backbone.bottleneck_dim=32")
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*last.pt"):
+        train_run("trainer.max_steps=6")
+    with pytest.raises(CheckpointError, match="trainer.resume=true but .* does not exist"):
+        train_run("trainer.resume=true", run_dir=tmp_path / "fresh")

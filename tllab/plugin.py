@@ -12,11 +12,13 @@ The trainer calls the hooks below in this order and knows nothing else about a m
 1. ``transform_model(model)`` — once, before the model moves to the device. Replace or wrap
    layers (IBN, StochNorm, MixStyle insertion...). Return the (possibly new) model.
 2. ``setup(ctx)`` — once, after the model is on the device, before the optimizer exists and
-   before a checkpoint is restored. Snapshot the pretrained source model, run a preparation pass
-   over ``ctx.data`` (e.g. Co-Tuning's relationship, DELTA's channel attention) and cache
-   results in ``ctx.run_dir``.
-3. ``param_groups(base_lr)`` — the plug-in's own trainable parameters (extra heads, gates) as
-   optimizer parameter groups; default: all trainable parameters of the plug-in at ``base_lr``.
+   before a checkpoint is restored (so ``ctx.model`` still holds the pretrained weights).
+   Snapshot the source model, run a preparation pass over ``ctx.data`` (e.g. Co-Tuning's
+   relationship, DELTA's channel attention) and cache results in ``ctx.run_dir``.
+3. ``param_groups(model, base_lr)`` — optimizer parameter groups for the plug-in's own trainable
+   parameters (extra heads) and for model parameters it wants treated differently (BIN's gates:
+   own lr, no weight decay). A parameter named here is removed from the model's default groups.
+   Default: all trainable parameters of the plug-in at ``base_lr``.
 4. ``loss(out)`` — every training step: named extra loss terms from the step's source and
    target inputs, features and logits (:class:`StepOutput`). The trainer adds them to the
    cross-entropy and logs each under ``train/<plugin>/<term>``.
@@ -74,6 +76,7 @@ class StepOutput:
 class SetupContext:
     """What a plug-in may use in ``setup`` and ``eval_model``."""
 
+    model: nn.Module
     data: DataModule
     device: torch.device
     run_dir: Path
@@ -91,7 +94,7 @@ class Plugin(nn.Module):
     def setup(self, ctx: SetupContext) -> None:
         pass
 
-    def param_groups(self, base_lr: float) -> list[dict[str, Any]]:
+    def param_groups(self, model: nn.Module, base_lr: float) -> list[dict[str, Any]]:
         params = [p for p in self.parameters() if p.requires_grad]
         return [{"params": params, "lr": base_lr}] if params else []
 

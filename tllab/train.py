@@ -8,6 +8,7 @@ otherwise).
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -46,8 +47,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     if (run_dir / "done").exists() and (run_dir / "summary.json").exists():
         log.info("%s is complete (done marker); not training again", run_dir)
-        import json
-
         return json.loads((run_dir / "summary.json").read_text())
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
     trainer = Trainer(typed, run_dir, resolved)

@@ -89,14 +89,15 @@ class Trainer:
         self.data: DataModule = build_data(cfg.dataset, cfg.seed)
         for plugin in self.plugins.values():
             plugin.to(self.device)
-        self.ctx = SetupContext(self.data, self.device, run_dir, resolved)
+        self.ctx = SetupContext(self.model, self.data, self.device, run_dir, resolved)
         for plugin in self.plugins.values():
             plugin.setup(self.ctx)
 
-        groups = self.model.get_parameters(cfg.optim.lr, cfg.optim.backbone_lr_mult)
-        for plugin in self.plugins.values():
-            groups += plugin.param_groups(cfg.optim.lr)
-        self.optimizer = build_optimizer(cfg.optim, groups)
+        plugin_groups = [g for p in self.plugins.values() for g in p.param_groups(self.model, cfg.optim.lr)]
+        claimed = {id(q) for g in plugin_groups for q in g["params"]}
+        groups = [{**g, "params": [q for q in g["params"] if id(q) not in claimed]}
+                  for g in self.model.get_parameters(cfg.optim.lr, cfg.optim.backbone_lr_mult)]
+        self.optimizer = build_optimizer(cfg.optim, [g for g in groups if g["params"]] + plugin_groups)
         self.iters_per_epoch = tc.iters_per_epoch or max(1, math.ceil(len(self.data.train) / tc.batch_size))
         self.total_steps = tc.epochs * self.iters_per_epoch
         if tc.max_steps is not None:
@@ -118,6 +119,7 @@ class Trainer:
         self.target_loader = (ForeverLoader(self.data.unlabeled, tc.batch_size, seed=2 * cfg.seed + 1,
                                             num_workers=tc.num_workers) if self.uses_target else None)
 
+        run_dir.mkdir(parents=True, exist_ok=True)
         self.results = ResultsFile(run_dir)
         self.ckpt_dir = run_dir / "checkpoints"
         self.step = 0
