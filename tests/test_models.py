@@ -86,23 +86,15 @@ def test_timm_backbone_has_no_classifier():
         assert backbone(torch.randn(2, 3, 64, 64)).shape == (2, 512)
 
 
-def test_unknown_torchvision_name_lists_available_names():
+@pytest.mark.parametrize(("library", "name", "expected"), [
+    ("torchvision", "resnet19", ["'resnet19'", *RESNETS, "timm"]),
+    ("tllab", "resnet50", ["unknown tllab backbone 'resnet50'", *TLLAB_MODELS]),
+])
+def test_unknown_backbone_name_lists_available_names(library, name, expected):
     with pytest.raises(ConfigError) as err:
-        create_backbone("torchvision", "resnet19")
-    msg = str(err.value)
-    assert "'resnet19'" in msg
-    for name in RESNETS:
-        assert name in msg
-    assert "timm" in msg
-
-
-def test_unknown_tllab_name_lists_available_names():
-    with pytest.raises(ConfigError) as err:
-        create_backbone("tllab", "resnet50")
-    msg = str(err.value)
-    assert "unknown tllab backbone 'resnet50'" in msg
-    for name in TLLAB_MODELS:
-        assert name in msg
+        create_backbone(library, name)
+    for text in expected:
+        assert text in str(err.value)
 
 
 def test_unknown_timm_name_lists_similar_names():

@@ -232,30 +232,22 @@ def test_sgd_without_nesterov():
     assert p.item() == pytest.approx(1 - 0.1 * 2 - 0.1 * 3.8)
 
 
-def test_adam_hyperparameters_and_coupled_weight_decay():
-    cfg = OptimConfig(name=OptimName.adam, lr=0.01, betas=[0.8, 0.99], weight_decay=0.1)
-    p = _param()
-    opt = build_optimizer(cfg, [{"params": [p]}])
-    assert type(opt) is torch.optim.Adam
-    group = opt.param_groups[0]
-    assert group["betas"] == (0.8, 0.99)
-    assert (group["lr"], group["weight_decay"]) == (0.01, 0.1)
-    opt.step()
+@pytest.mark.parametrize(("name", "cls", "betas", "expected"), [
     # L2 decay is added to the gradient; Adam's first step moves by lr * sign(g)
-    assert p.item() == pytest.approx(0.99, abs=1e-7)
-
-
-def test_adamw_hyperparameters_and_decoupled_weight_decay():
-    cfg = OptimConfig(name=OptimName.adamw, lr=0.01, betas=[0.85, 0.95], weight_decay=0.1)
+    (OptimName.adam, torch.optim.Adam, [0.8, 0.99], 0.99),
+    # decoupled decay p *= 1 - lr * wd, then the sign step: 0.989
+    (OptimName.adamw, torch.optim.AdamW, [0.85, 0.95], 1 * (1 - 0.01 * 0.1) - 0.01),
+])
+def test_adam_family_hyperparameters_and_weight_decay(name, cls, betas, expected):
+    cfg = OptimConfig(name=name, lr=0.01, betas=betas, weight_decay=0.1)
     p = _param()
     opt = build_optimizer(cfg, [{"params": [p]}])
-    assert type(opt) is torch.optim.AdamW
+    assert type(opt) is cls
     group = opt.param_groups[0]
-    assert group["betas"] == (0.85, 0.95)
+    assert group["betas"] == tuple(betas)
     assert (group["lr"], group["weight_decay"]) == (0.01, 0.1)
     opt.step()
-    # decoupled decay p *= 1 - lr * wd, then the sign step
-    assert p.item() == pytest.approx(1 * (1 - 0.01 * 0.1) - 0.01, abs=1e-7)  # 0.989
+    assert p.item() == pytest.approx(expected, abs=1e-7)
 
 
 def test_default_optimizer_is_adam():
