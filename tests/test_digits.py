@@ -149,8 +149,9 @@ def test_mnistm_blends_the_mnist_split(base):
 def test_cache_file_is_written_and_read(tmp_path, monkeypatch):
     built = load_domain("uci-inverted", seed=3, cache_dir=tmp_path)
     folder = tmp_path / f"digits-v{RECIPE_VERSION}"
-    # both the corrupted domain and its base are cached, and no temporary file is left behind
-    assert sorted(p.name for p in folder.iterdir()) == ["uci-inverted-seed3.npz", "uci-seed3.npz"]
+    # both the corrupted domain and its base are cached (uci has no random parts: one file for
+    # every seed), and no temporary file is left behind
+    assert sorted(p.name for p in folder.iterdir()) == ["uci-inverted-seed3.npz", "uci-seed0.npz"]
 
     def boom(*args, **kwargs):
         raise AssertionError("the cache should have been used")
@@ -159,8 +160,9 @@ def test_cache_file_is_written_and_read(tmp_path, monkeypatch):
     monkeypatch.setattr(digits, "_apply_corruptions", boom)
     _assert_same(load_domain("uci-inverted", seed=3, cache_dir=tmp_path), built)
     _assert_same(load_domain("uci", seed=3, cache_dir=str(tmp_path)), load_domain("uci", 3, tmp_path))
+    _assert_same(load_domain("uci", seed=4, cache_dir=tmp_path), load_domain("uci", 0, tmp_path))  # seed-free
     with pytest.raises(AssertionError, match="cache should have been used"):
-        load_domain("uci", seed=4, cache_dir=tmp_path)  # not cached yet
+        load_domain("mnistm", seed=4, cache_dir=tmp_path)  # not cached yet
 
 
 def test_corrupted_domain_reuses_cached_base(tmp_path, monkeypatch):

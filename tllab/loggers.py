@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tllab.io import atomic_write
 from tllab.schema import LoggerConfig
 
 
@@ -38,9 +39,8 @@ class ResultsFile:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 class WandbRun:

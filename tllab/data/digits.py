@@ -61,7 +61,6 @@ import logging
 import operator
 import os
 import re
-import tempfile
 import time
 import warnings
 import zlib
@@ -69,6 +68,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from tllab.io import atomic_write
 
 __all__ = ["BASE_DOMAINS", "CORRUPTIONS", "RECIPE_VERSION", "DomainData", "default_cache_dir", "load_domain",
            "parse_domain"]
@@ -270,6 +271,9 @@ def _mnist_raw() -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(y, dtype=np.int64)
     images.flags.writeable = labels.flags.writeable = False
     return images, labels
+
+
+_SEED_FREE = ("mnist", "uci")
 
 
 def _build_mnist(seed: int) -> DomainData:
@@ -511,23 +515,10 @@ def _read_cache(path: Path, name: str) -> DomainData | None:
 def _write_cache(path: Path, data: DomainData) -> None:
     """Save atomically: write a temporary file in the same directory, then ``os.replace`` it."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        warnings.warn(f"cannot write the digits cache {path} ({exc}); continuing without it", RuntimeWarning,
-                      stacklevel=3)
-        return
-    try:
-        with os.fdopen(fd, "wb") as fh:
+        with atomic_write(path) as tmp, tmp.open("wb") as fh:
             np.savez(fh, recipe_version=np.int64(RECIPE_VERSION), name=np.str_(data.name),
                      **{k: getattr(data, k) for k in _CACHE_KEYS})
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache holds nothing private
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if not isinstance(exc, OSError):
-            raise
+    except OSError as exc:
         warnings.warn(f"cannot write the digits cache {path} ({exc}); continuing without it", RuntimeWarning,
                       stacklevel=3)
 
@@ -565,7 +556,8 @@ def load_domain(name: str, seed: int = 0, cache_dir: str | os.PathLike | None = 
     if seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
     canonical = _canonical_name(base, corruptions)
-    path = _cache_path(cache_dir, canonical, seed)
+    # mnist and uci have no random parts: one cache file serves every seed
+    path = _cache_path(cache_dir, canonical, 0 if base in _SEED_FREE and not corruptions else seed)
     data = _read_cache(path, canonical)
     if data is not None:
         return data
