@@ -63,3 +63,34 @@ class NanAt(Plugin):
     def loss(self, out: StepOutput) -> dict[str, Tensor]:
         value = float("nan") if out.step + 1 == self.at_step else 0.0
         return {"bad": out.logits_s.new_tensor(value)}
+
+
+class Noisy(Plugin):
+    """A loss term drawn from the global torch RNG, scaled by a counter kept in a buffer: a resumed
+    run only matches an uninterrupted one if RNG states and plug-in state are restored."""
+
+    def __init__(self, weight: float = 0.5) -> None:
+        super().__init__()
+        self.weight = weight
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def loss(self, out: StepOutput) -> dict[str, Tensor]:
+        self.calls += 1
+        scale = self.weight * torch.rand(()) * (1 + self.calls % 3)
+        return {"noise": scale * out.f_s.pow(2).mean()}
+
+
+class SplitForward(Plugin):
+    """Forwards source and target separately (as domain-specific BatchNorm would) and counts calls."""
+
+    uses_target = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward_step(self, model, x_s, x_t):
+        self.calls += 1
+        logits_s, f_s = model(x_s)
+        logits_t, f_t = model(x_t)
+        return logits_s, f_s, logits_t, f_t

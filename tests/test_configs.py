@@ -105,9 +105,10 @@ def test_unknown_group_option_is_rejected():
     assert "Could not find 'backbone/resnet999'" in msg
 
 
-def test_unknown_enum_value_is_rejected():
-    msg = _composition_error(["optim.name=rmsprop"])
-    assert "rmsprop" in msg and "sgd" in msg
+@pytest.mark.parametrize(("override", "valid"), [("optim.name=rmsprop", "sgd"), ("logger.mode=ofline", "offline")])
+def test_unknown_enum_value_is_rejected(override, valid):
+    msg = _composition_error([override])
+    assert override.split("=")[1] in msg and valid in msg
 
 
 def test_unknown_plugin_option_is_rejected_before_data():

@@ -105,3 +105,8 @@ def test_finetune_sample_rate_takes_that_percentage_per_class():
 def test_too_many_labels_per_class_is_a_config_error():
     with pytest.raises(ConfigError, match="labels_per_class=1000 but a class of mnistm has only"):
         data_for("experiment=digits_finetune", "dataset.labels_per_class=1000")
+
+
+def test_an_empty_validation_split_is_left_out():
+    data = data_for("dataset.source=[uci]", "dataset.val_fraction=0.003")  # rounds to 0 images per class
+    assert "source_val" not in data.eval_splits and data.selection_split is None

@@ -58,7 +58,9 @@ def test_training_learns_source(train_run):
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(train_run, tmp_path, monkeypatch):
-    overrides = ("trainer.deterministic=true", "trainer.max_steps=9", "trainer.eval_every=3", "optim=sgd")
+    # Noisy draws from the global RNG and keeps a counter buffer: RNG and plug-in state must be restored.
+    overrides = ("trainer.deterministic=true", "trainer.max_steps=9", "trainer.eval_every=3", "optim=sgd",
+                 "regularizer=[noisy]")
     train_run(*overrides, run_dir=tmp_path / "a")
 
     original = Trainer.train_step
@@ -86,6 +88,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(train_run, tmp_path
     for key in wa["model"]:
         assert torch.equal(wa["model"][key], wb["model"][key]), key
     assert wa["optimizer"]["state"][0]["momentum_buffer"].equal(wb["optimizer"]["state"][0]["momentum_buffer"])
+    assert wb["plugins"]["regularizer.noisy"]["calls"].item() == 9
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(train_run, tmp_path):
@@ -198,15 +201,64 @@ def test_grad_clip_bounds_the_update_and_amp_runs_on_cpu(tmp_path):
 
 
 def test_resuming_with_another_model_or_a_corrupt_checkpoint_fails_clearly(train_run, tmp_path):
-    from tllab.errors import CheckpointError
+    from tllab.errors import CheckpointError, ConfigError
 
     run_dir = tmp_path / "run"
-    train_run("trainer.max_steps=3", "trainer.eval_every=3")
+    train_run("trainer.max_steps=3", "trainer.eval_every=3", "seed=1")
+    with pytest.raises(ConfigError, match=r"holds a run with another config \(seed: 1 -> 2\)"):
+        train_run("trainer.max_steps=3", "trainer.eval_every=3", "seed=2")  # even when complete
     (run_dir / "done").unlink()
+    with pytest.raises(ConfigError, match=r"backbone.bottleneck_dim: None -> 32; trainer.max_steps: 3 -> 6"):
+        train_run("trainer.max_steps=6", "backbone.bottleneck_dim=32", "seed=1")
+    (run_dir / "config.yaml").unlink()  # without the saved config, the checkpoint itself is checked
     with pytest.raises(CheckpointError, match=r"different model .*resume with the run's own config"):
-        train_run("trainer.max_steps=6", "backbone.bottleneck_dim=32")
+        train_run("trainer.max_steps=6", "backbone.bottleneck_dim=32", "seed=1")
     (run_dir / "checkpoints" / "last.pt").write_bytes(b"truncated")
     with pytest.raises(CheckpointError, match="cannot read checkpoint .*last.pt"):
-        train_run("trainer.max_steps=6")
+        train_run("trainer.max_steps=6", "backbone.bottleneck_dim=32", "seed=1")
     with pytest.raises(CheckpointError, match="trainer.resume=true but .* does not exist"):
         train_run("trainer.resume=true", run_dir=tmp_path / "fresh")
+
+
+def test_diverging_weights_are_never_checkpointed_or_recorded(train_run, tmp_path):
+    with pytest.raises(NonFiniteLossError, match="Lower optim.lr"):
+        train_run("optim=sgd", "optim.lr=1e6", "trainer.eval_every=2", "trainer.max_steps=12")
+    run_dir = tmp_path / "run"
+    text = (run_dir / "results.jsonl").read_text() if (run_dir / "results.jsonl").exists() else ""
+    assert "NaN" not in text and "Infinity" not in text
+    for line in text.splitlines():
+        json.loads(line)
+    for name in ("last.pt", "best.pt"):
+        if (run_dir / "checkpoints" / name).exists():
+            state = torch.load(run_dir / "checkpoints" / name, weights_only=True)["model"]
+            assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_a_plugin_can_replace_the_forward_pass_but_only_one(tmp_path):
+    from tllab.errors import ConfigError
+
+    cfg, resolved = resolve_config(compose_config([*FAST, "norm=[split_forward]"]))
+    trainer = Trainer(cfg, tmp_path / "one", resolved)
+    trainer.fit()
+    assert trainer.plugins["norm.split_forward"].calls == 6
+    cfg, resolved = resolve_config(compose_config([*FAST, "norm=[split_forward]", "regularizer=[split_forward]"]))
+    with pytest.raises(ConfigError, match="norm.split_forward and regularizer.split_forward both replace"):
+        Trainer(cfg, tmp_path / "two", resolved)
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (["trainer.batch_size=0"], r"trainer.batch_size=0 is invalid: it must be >= 1"),
+    (["trainer.max_steps=0"], r"trainer.max_steps=0 is invalid: it must be >= 1 or null"),
+    (["optim.lr=-1"], r"optim.lr=-1.0 is invalid: it must be > 0"),
+    (["trainer.device=gpu"], "trainer.device=gpu is not a device name"),
+    (["norm=[recorder]", "norm.recorder.weight=abc"], r"norm.recorder.weight='abc' has the wrong type: expected float"),
+    (["norm=[recorder]", "dataset.setting=dg"], r"\['norm.recorder'\] need unlabelled target data"),
+    (["dataset.num_classes=5"], r"dataset.num_classes=5 but the labels go up to 9"),
+])
+def test_config_errors_fail_before_training(overrides, match, tmp_path, monkeypatch):
+    from tllab.errors import ConfigError
+
+    monkeypatch.setattr(Trainer, "train_step", lambda self: pytest.fail("training started"))
+    cfg, resolved = resolve_config(compose_config([*FAST, *overrides]))
+    with pytest.raises(ConfigError, match=match):
+        Trainer(cfg, tmp_path, resolved)

@@ -21,13 +21,17 @@ def save_atomic(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` with an error message that names the fix."""
+RESUME_FIX = "Delete it to start over, or point hydra.run.dir at the run you meant to resume."
+
+
+def load_checkpoint(path: Path, fix: str = RESUME_FIX) -> Any:
+    """``torch.load(weights_only=True)`` on CPU; an unreadable file raises :class:`CheckpointError`
+    with the first line of the reason and ``fix``."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r} ({type(e).__name__}: {e}). Delete it to "
-                              "start over, or point hydra.run.dir at the run you meant to resume.") from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r} ({reason}). {fix}") from e
 
 
 def rng_state() -> dict[str, Any]:
@@ -43,6 +47,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
     random.setstate(state["python"])
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))

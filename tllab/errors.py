@@ -9,10 +9,6 @@ class ConfigError(TllabError, ValueError):
     """The composed configuration is invalid."""
 
 
-class DataError(TllabError):
-    """A dataset is missing or unreadable."""
-
-
 class CheckpointError(TllabError):
     """A checkpoint is missing, corrupt or belongs to another model."""
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 from tllab.io import atomic_write
-from tllab.schema import LoggerConfig
+from tllab.schema import LoggerConfig, WandbMode
 
 
 class ResultsFile:
@@ -46,14 +47,19 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 class WandbRun:
     """One W&B run per job: config = resolved config, group/tags from the dataset and methods,
     best-value summaries for accuracies; offline unless ``logger.mode`` or ``WANDB_MODE`` says
-    otherwise. ``finish()`` must be called (the trainer does, also on errors)."""
+    otherwise. A resumed run continues the same W&B run (its id is kept in ``wandb_id.txt``).
+    ``finish()`` must be called (the trainer does, also on errors)."""
 
     def __init__(self, cfg: LoggerConfig, config: dict[str, Any], keys: dict[str, Any], run_dir: Path) -> None:
         import wandb
 
         task = f"{keys['source']}->{keys['target']}"
+        id_file = run_dir / "wandb_id.txt"
+        if not id_file.exists():
+            id_file.write_text(uuid.uuid4().hex[:12])
         self.run = wandb.init(
-            project=cfg.project, entity=cfg.entity, mode=os.environ.get("WANDB_MODE", cfg.mode),
+            id=id_file.read_text().strip(), resume="allow",
+            project=cfg.project, entity=cfg.entity, mode=os.environ.get("WANDB_MODE", WandbMode(cfg.mode).value),
             dir=str(run_dir), name=f"{keys['experiment']}/{run_dir.name}", config=config,
             group=cfg.group or f"{keys['dataset']}/{task}", job_type=cfg.job_type,
             tags=[*cfg.tags, keys["backbone"], f"norm:{keys['norm']}", f"reg:{keys['regularizer']}",

@@ -18,11 +18,11 @@ def build_optimizer(cfg: OptimConfig, param_groups: list[dict[str, Any]]) -> Opt
     Each group carries its own ``lr`` (backbone multiplier, plug-in groups); ``weight_decay``
     applies to groups that do not set their own.
     """
-    name = str(getattr(cfg.name, "value", cfg.name))
-    if name == "sgd":
+    # the schema's enums are str subclasses, so they compare equal to plain strings
+    if cfg.name == "sgd":
         return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
-    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
     return cls(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
@@ -39,7 +39,7 @@ def lr_factor(cfg: SchedulerConfig, step: int, total_steps: int) -> float:
     """
     if step < cfg.warmup_steps:
         return cfg.warmup_start_factor + (1 - cfg.warmup_start_factor) * step / cfg.warmup_steps
-    name = str(getattr(cfg.name, "value", cfg.name))
+    name = cfg.name
     if name == "step":
         return cfg.gamma ** sum(step >= m for m in cfg.milestones)
     if name == "cosine":

@@ -19,11 +19,16 @@ The trainer calls the hooks below in this order and knows nothing else about a m
    parameters (extra heads) and for model parameters it wants treated differently (BIN's gates:
    own lr, no weight decay). A parameter named here is removed from the model's default groups.
    Default: all trainable parameters of the plug-in at ``base_lr``.
-4. ``loss(out)`` — every training step: named extra loss terms from the step's source and
-   target inputs, features and logits (:class:`StepOutput`). The trainer adds them to the
-   cross-entropy and logs each under ``train/<plugin>/<term>``.
-5. ``after_step(model)`` — after every optimizer step (clamping gates, momentum encoders).
-6. ``eval_model(model, ctx)`` — before every evaluation: return the model to evaluate (AdaBN
+4. ``forward_step(model, x_s, x_t)`` — optional, at most one plug-in per run: replaces the
+   trainer's forward pass (by default one pass over ``cat([x_s, x_t])``), e.g. for
+   domain-specific BatchNorm that must see source and target separately. Returns
+   ``(logits_s, f_s, logits_t, f_t)``.
+5. ``loss(out)`` — every training step: named extra loss terms from the step's source and
+   target inputs, features and logits (:class:`StepOutput`; ``out.progress`` in [0, 1] for
+   ramped weights). The trainer adds them to the cross-entropy and logs each under
+   ``train/<group>.<name>/<term>``.
+6. ``after_step(model)`` — after every optimizer step (clamping gates, momentum encoders).
+7. ``eval_model(model, ctx)`` — before every evaluation: return the model to evaluate (AdaBN
    returns a copy with target-adapted BatchNorm statistics; the trained weights stay untouched).
 
 A plug-in is an ``nn.Module``: its parameters and buffers are moved with the model and saved in
@@ -36,7 +41,9 @@ the trainer then draws them and forwards source and target together.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,10 +64,12 @@ class StepOutput:
     """What one training step computed; the input of :meth:`Plugin.loss`.
 
     ``*_s`` are labelled (source) tensors, ``*_t`` unlabelled target tensors (``None`` unless a
-    plug-in sets ``uses_target``). ``d_s`` holds each source sample's domain index.
+    plug-in sets ``uses_target``). ``d_s`` holds each source sample's domain index. ``step``
+    counts optimizer steps before this one, out of ``total_steps``.
     """
 
     step: int
+    total_steps: int
     model: nn.Module
     x_s: Tensor
     y_s: Tensor
@@ -70,6 +79,11 @@ class StepOutput:
     x_t: Tensor | None = None
     logits_t: Tensor | None = None
     f_t: Tensor | None = None
+
+    @property
+    def progress(self) -> float:
+        """Training progress in [0, 1] (for loss-weight ramps such as DANN's)."""
+        return self.step / max(1, self.total_steps)
 
 
 @dataclass
@@ -98,6 +112,10 @@ class Plugin(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         return [{"params": params, "lr": base_lr}] if params else []
 
+    def forward_step(self, model: nn.Module, x_s: Tensor, x_t: Tensor | None
+                     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        raise NotImplementedError  # only plug-ins that replace the forward pass override this
+
     def loss(self, out: StepOutput) -> dict[str, Tensor]:
         return {}
 
@@ -108,11 +126,36 @@ class Plugin(nn.Module):
         return model
 
 
+def overrides_forward(plugin: Plugin) -> bool:
+    return type(plugin).forward_step is not Plugin.forward_step
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """Whether a config value fits a constructor annotation (scalars, Optional, unions, lists)."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any or annotation is inspect.Parameter.empty:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple, Sequence):
+        return isinstance(value, (list, tuple))
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
 def build_plugins(group: str, node: Mapping[str, Any]) -> dict[str, Plugin]:
     """Instantiate the plug-ins selected in one stackable group, in selection order.
 
-    Each entry's keys are checked against the class's constructor, so a misspelt option fails
-    here (before any data is loaded) with the list of valid options.
+    Each entry's keys and value types are checked against the class's constructor, so a
+    misspelt option or a wrong type fails here (before any data is loaded) with a readable
+    message.
 
     Args:
         group: ``"norm"`` or ``"regularizer"`` (used in messages).
@@ -139,6 +182,11 @@ def build_plugins(group: str, node: Mapping[str, Any]) -> dict[str, Plugin]:
         unknown = [k for k in spec if k not in valid]
         if unknown and not accepts_any:
             raise ConfigError(f"{group}.{name}: unknown option(s) {unknown}; valid options: {valid}.")
+        hints = typing.get_type_hints(cls.__init__)
+        for key, value in spec.items():
+            if key in hints and not _matches(value, hints[key]):
+                raise ConfigError(f"{group}.{name}.{key}={value!r} has the wrong type: expected "
+                                  f"{getattr(hints[key], '__name__', hints[key])}.")
         try:
             plugins[name] = cls(**spec)
         except (TypeError, ValueError) as e:

@@ -18,6 +18,8 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from tllab.errors import ConfigError
+
 
 class Library(str, Enum):
     tllab = "tllab"
@@ -47,6 +49,12 @@ class SchedulerName(str, Enum):
 class AmpDtype(str, Enum):
     bfloat16 = "bfloat16"
     float16 = "float16"
+
+
+class WandbMode(str, Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
 
 
 @dataclass
@@ -116,7 +124,7 @@ class TrainerConfig:
     resume: bool = False  # require a checkpoint in the run dir (resuming is automatic anyway)
     save_checkpoints: bool = True
     num_workers: int = 0
-    quiet: bool = False  # no progress bar or per-eval console lines
+    quiet: bool = False  # no progress bar (evaluation lines still go to the log)
 
 
 @dataclass
@@ -124,7 +132,7 @@ class LoggerConfig:
     wandb: bool = False
     project: str = "tllab"
     entity: str | None = None
-    mode: str = "offline"  # offline | online | disabled (WANDB_MODE overrides)
+    mode: WandbMode = WandbMode.offline  # the WANDB_MODE environment variable overrides it
     group: str | None = None  # default: "<dataset>/<source>-><target>"
     job_type: str = "train"
     tags: list[str] = field(default_factory=list)
@@ -146,3 +154,30 @@ class TrainConfig:
 def register_configs() -> None:
     """Store the schema in Hydra's ConfigStore (idempotent)."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Range checks the types cannot express; raises :class:`ConfigError` naming the key."""
+    t, o, d = cfg.trainer, cfg.optim, cfg.dataset
+    checks = [
+        ("trainer.epochs", t.epochs, t.epochs >= 1, ">= 1"),
+        ("trainer.batch_size", t.batch_size, t.batch_size >= 1, ">= 1"),
+        ("trainer.eval_batch_size", t.eval_batch_size, t.eval_batch_size >= 1, ">= 1"),
+        ("trainer.iters_per_epoch", t.iters_per_epoch, t.iters_per_epoch is None or t.iters_per_epoch >= 1,
+         ">= 1 or null"),
+        ("trainer.eval_every", t.eval_every, t.eval_every is None or t.eval_every >= 1, ">= 1 or null"),
+        ("trainer.max_steps", t.max_steps, t.max_steps is None or t.max_steps >= 1, ">= 1 or null"),
+        ("trainer.grad_clip", t.grad_clip, t.grad_clip is None or t.grad_clip > 0, "> 0 or null"),
+        ("trainer.num_workers", t.num_workers, t.num_workers >= 0, ">= 0"),
+        ("optim.lr", o.lr, o.lr > 0, "> 0"),
+        ("optim.backbone_lr_mult", o.backbone_lr_mult, o.backbone_lr_mult >= 0, ">= 0"),
+        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+        ("optim.scheduler.warmup_steps", o.scheduler.warmup_steps, o.scheduler.warmup_steps >= 0, ">= 0"),
+        ("dataset.num_classes", d.num_classes, d.num_classes >= 2, ">= 2"),
+        ("dataset.image_size", d.image_size, d.image_size >= 8, ">= 8"),
+        ("backbone.bottleneck_dim", cfg.backbone.bottleneck_dim,
+         cfg.backbone.bottleneck_dim is None or cfg.backbone.bottleneck_dim >= 1, ">= 1 or null"),
+    ]
+    for key, value, ok, rule in checks:
+        if not ok:
+            raise ConfigError(f"{key}={value} is invalid: it must be {rule}.")

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tllab.checkpoint import load_checkpoint, rng_state, save_atomic, seed_everything, set_rng_state
 from tllab.data import DataModule, build_data, check_dataset_config
@@ -26,17 +27,21 @@ from tllab.data.loaders import ForeverLoader, eval_loader
 from tllab.errors import CheckpointError, ConfigError, NonFiniteLossError
 from tllab.loggers import ResultsFile, WandbRun, write_json_atomic
 from tllab.models import Classifier, create_backbone
-from tllab.optim import build_optimizer, build_scheduler
-from tllab.plugin import Plugin, SetupContext, StepOutput, build_plugins
-from tllab.schema import TrainConfig
+from tllab.optim import build_optimizer, build_scheduler, lr_factor
+from tllab.plugin import Plugin, SetupContext, StepOutput, build_plugins, overrides_forward
+from tllab.schema import AmpDtype, Setting, TrainConfig, validate_config
 
 log = logging.getLogger("tllab")
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; other names are checked against this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"trainer.device={name} is not a device name; use auto, cpu, cuda, cuda:N or mps.") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"trainer.device={name} but CUDA is not available; use trainer.device=cpu or auto.")
     return device
@@ -50,7 +55,7 @@ def group_keys(cfg: TrainConfig) -> dict[str, Any]:
         "norm": "+".join(cfg.norm) or "none",
         "regularizer": "+".join(cfg.regularizer) or "none",
         "dataset": cfg.dataset.name,
-        "setting": str(getattr(cfg.dataset.setting, "value", cfg.dataset.setting)),
+        "setting": Setting(cfg.dataset.setting).value,
         "source": "+".join(cfg.dataset.source),
         "target": "+".join(cfg.dataset.target),
         "seed": cfg.seed,
@@ -69,12 +74,14 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, resolved: dict[str, Any]) -> None:
         self.cfg, self.run_dir, self.resolved = cfg, run_dir, resolved
         tc = cfg.trainer
+        # Everything a user can get wrong in the config fails here, before any data is loaded.
+        validate_config(cfg)
         seed_everything(cfg.seed, tc.deterministic)
-        # Fail fast on method options before any data is loaded.
         self.plugins: dict[str, Plugin] = {
             **{f"norm.{k}": v for k, v in build_plugins("norm", cfg.norm).items()},
             **{f"regularizer.{k}": v for k, v in build_plugins("regularizer", cfg.regularizer).items()},
         }
+        self._check_plugin_combination()
         check_dataset_config(cfg.dataset)
         if cfg.dataset.setting == "finetune" and not cfg.backbone.pretrained:
             log.warning("fine-tuning from random init (backbone.pretrained=null): the train-from-scratch baseline")
@@ -104,7 +111,7 @@ class Trainer:
             self.total_steps = min(self.total_steps, tc.max_steps)
         self.eval_every = tc.eval_every or self.iters_per_epoch
         self.scheduler = build_scheduler(cfg.optim.scheduler, self.optimizer, self.total_steps)
-        amp_dtype = getattr(torch, str(getattr(tc.amp_dtype, "value", tc.amp_dtype)))
+        amp_dtype = getattr(torch, AmpDtype(tc.amp_dtype).value)
         self.autocast = (
             (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if tc.amp else contextlib.nullcontext)
         self.scaler = torch.amp.GradScaler(
@@ -113,9 +120,6 @@ class Trainer:
         self.source_loader = ForeverLoader(self.data.train, tc.batch_size, seed=2 * cfg.seed,
                                            num_workers=tc.num_workers)
         self.uses_target = any(p.uses_target for p in self.plugins.values())
-        if self.uses_target and self.data.unlabeled is None:
-            names = [n for n, p in self.plugins.items() if p.uses_target]
-            raise ConfigError(f"{names} need unlabelled target data; set dataset.setting=da.")
         self.target_loader = (ForeverLoader(self.data.unlabeled, tc.batch_size, seed=2 * cfg.seed + 1,
                                             num_workers=tc.num_workers) if self.uses_target else None)
 
@@ -127,11 +131,22 @@ class Trainer:
         self.best: dict[str, Any] = {}
         self._maybe_resume()
 
+    def _check_plugin_combination(self) -> None:
+        forward = [n for n, p in self.plugins.items() if overrides_forward(p)]
+        if len(forward) > 1:
+            raise ConfigError(f"{forward[0]} and {forward[1]} both replace the forward pass; use only one of them.")
+        target = [n for n, p in self.plugins.items() if p.uses_target]
+        if target and self.cfg.dataset.setting != "da":
+            raise ConfigError(f"{target} need unlabelled target data; set dataset.setting=da.")
+
     # ---------------------------------------------------------------- checkpoints
+    def _weights(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(),
+                "plugins": {n: p.state_dict() for n, p in self.plugins.items()}}
+
     def _state(self) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(),
-            "plugins": {n: p.state_dict() for n, p in self.plugins.items()},
+            **self._weights(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -176,21 +191,30 @@ class Trainer:
             return
         save_atomic(self._state(), self.ckpt_dir / "last.pt")
         if self.best.get("step") == self.step:
-            save_atomic({"model": self.model.state_dict(),
-                         "plugins": {n: p.state_dict() for n, p in self.plugins.items()},
-                         "step": self.step, "metrics": metrics, "keys": self.keys}, self.ckpt_dir / "best.pt")
+            save_atomic({**self._weights(), "step": self.step, "metrics": metrics, "keys": self.keys},
+                        self.ckpt_dir / "best.pt")
 
     # ---------------------------------------------------------------- steps
+    def forward(self, x_s: Tensor, x_t: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Logits and features of source and target: one pass over ``cat([x_s, x_t])`` (BatchNorm
+        sees both domains, as in tllib), unless a plug-in replaces the forward pass."""
+        for plugin in self.plugins.values():
+            if overrides_forward(plugin):
+                return plugin.forward_step(self.model, x_s, x_t)
+        logits, f = self.model(x_s if x_t is None else torch.cat([x_s, x_t]))
+        if x_t is None:
+            return logits, f, None, None
+        n = len(x_s)
+        return logits[:n], f[:n], logits[n:], f[n:]
+
     def train_step(self) -> tuple[dict[str, Tensor], Tensor]:
         """One optimizer step; returns the named loss terms and the labelled-batch accuracy."""
         x_s, y_s, d_s = (t.to(self.device, non_blocking=True) for t in next(self.source_loader))
         x_t = next(self.target_loader)[0].to(self.device, non_blocking=True) if self.target_loader else None
         with self.autocast():
-            logits, f = self.model(x_s if x_t is None else torch.cat([x_s, x_t]))
-            n = len(x_s)
-            out = StepOutput(step=self.step, model=self.model, x_s=x_s, y_s=y_s, d_s=d_s,
-                             logits_s=logits[:n], f_s=f[:n], x_t=x_t,
-                             logits_t=None if x_t is None else logits[n:], f_t=None if x_t is None else f[n:])
+            logits_s, f_s, logits_t, f_t = self.forward(x_s, x_t)
+            out = StepOutput(step=self.step, total_steps=self.total_steps, model=self.model, x_s=x_s, y_s=y_s,
+                             d_s=d_s, logits_s=logits_s, f_s=f_s, x_t=x_t, logits_t=logits_t, f_t=f_t)
             terms = {"ce": F.cross_entropy(out.logits_s.float(), y_s)}
             for name, plugin in self.plugins.items():
                 terms.update({f"{name}/{k}": v for k, v in plugin.loss(out).items()})
@@ -242,16 +266,21 @@ class Trainer:
     def fit(self, wandb_run: WandbRun | None = None) -> dict[str, Any]:
         """Train to ``total_steps`` (evaluating and checkpointing every ``eval_every`` steps and at
         the end), then write ``summary.json`` and the ``done`` marker; return the summary."""
-        tc = self.cfg.trainer
         self.model.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.cfg.trainer.quiet, desc="train",
+                   dynamic_ncols=True)
+        with bar, logging_redirect_tqdm():  # log lines print above the progress bar
+            self._train_until_done(bar, wandb_run)
+        return self._finish()
+
+    def _train_until_done(self, bar: tqdm, wandb_run: WandbRun | None) -> None:
         sums: dict[str, float] = {}
         count, images, tick = 0, 0, time.perf_counter()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=tc.quiet, desc="train", dynamic_ncols=True)
         while self.step < self.total_steps:
             terms, acc = self.train_step()
             self.step += 1
             count += 1
-            images += tc.batch_size
+            images += self.cfg.trainer.batch_size
             for k, v in {**terms, "acc": acc}.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
             now = time.perf_counter()
@@ -263,14 +292,23 @@ class Trainer:
                 train = {f"train/{k}": v / count for k, v in sums.items()}
                 self._evaluate_and_record(train, wandb_run)
                 sums, count, images, tick = {}, 0, 0, time.perf_counter()
-        bar.close()
-        return self._finish()
+
+    def _check_finite(self, metrics: dict[str, float]) -> None:
+        """Diverged weights can give a finite training loss for a step or two; never checkpoint them."""
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if bad or not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            last = self.ckpt_dir / "last.pt"
+            raise NonFiniteLossError(
+                f"the model diverged by step {self.step} (non-finite {bad or 'weights'}); nothing was saved for "
+                f"this step and the last good checkpoint {'is ' + str(last) if last.exists() else 'does not exist'}. "
+                "Lower optim.lr or set trainer.grad_clip.")
 
     def _evaluate_and_record(self, train: dict[str, float], wandb_run: WandbRun | None) -> None:
         metrics = {**train, **self.evaluate()}
+        self._check_finite(metrics)
+        lr = self.cfg.optim.lr * lr_factor(self.cfg.optim.scheduler, self.step, self.total_steps)
         record = {"step": self.step, "epoch": round(self.step / self.iters_per_epoch, 4),
-                  "time": round(self.elapsed, 3), "lr": self.optimizer.param_groups[-1]["lr"],
-                  **metrics, **self.keys}
+                  "time": round(self.elapsed, 3), "lr": lr, **metrics, **self.keys}
         sel = self.data.selection_split
         score = metrics[f"{sel}/acc"] if sel else self.step
         if not self.best or score >= self.best["score"]:
@@ -278,9 +316,8 @@ class Trainer:
         self.results.append(record)
         if wandb_run is not None:
             wandb_run.log({k: record[k] for k in ("step", "epoch", "lr", *metrics)})
-        if not self.cfg.trainer.quiet:
-            shown = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("/acc"))
-            tqdm.write(f"step {self.step}/{self.total_steps} | {shown}")
+        shown = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("/acc"))
+        log.info("step %d/%d | %s", self.step, self.total_steps, shown)
         self._save(metrics)
 
     def _finish(self) -> dict[str, Any]:

@@ -74,7 +74,7 @@ def check_dataset_config(cfg: DatasetConfig) -> DatasetFamily:
     if cfg.name not in DATASETS:
         raise ConfigError(f"unknown dataset {cfg.name!r}; available: {sorted(DATASETS)}.")
     family = DATASETS[cfg.name]
-    setting = str(getattr(cfg.setting, "value", cfg.setting))
+    setting = cfg.setting  # a str-valued enum: compares equal to "da", "dg", "finetune"
     if not cfg.target:
         raise ConfigError("dataset.target is empty; name the target domain(s), e.g. dataset.target=[mnistm].")
     if setting in ("da", "dg") and not cfg.source:
@@ -122,10 +122,23 @@ def _with_domain(ds: ArrayDataset, index: int) -> ArrayDataset:
 
 
 def _eval_entries(role: str, names: list[str], parts: list[ArrayDataset]) -> dict[str, ArrayDataset]:
-    out = {role: ArrayDataset.concat(parts)}
+    """The pooled split (accuracy over all its images) and, with several domains, one per domain;
+    empty parts are left out."""
+    named = [(n, p) for n, p in zip(names, parts) if len(p)]
+    if not named:
+        return {}
+    out = {role: ArrayDataset.concat([p for _, p in named])}
     if len(parts) > 1:
-        out.update({f"{role}/{n}": p for n, p in zip(names, parts)})
+        out.update({f"{role}/{n}": p for n, p in named})
     return out
+
+
+def _check_labels(data: DataModule, num_classes: int) -> DataModule:
+    top = max(int(ds.targets.max()) for ds in [data.train, *data.eval_splits.values()])
+    if top >= num_classes:
+        raise ConfigError(f"dataset.num_classes={num_classes} but the labels go up to {top}; "
+                          f"set dataset.num_classes={top + 1}.")
+    return data
 
 
 def build_data(cfg: DatasetConfig, seed: int) -> DataModule:
@@ -135,7 +148,7 @@ def build_data(cfg: DatasetConfig, seed: int) -> DataModule:
     the fine-tuning subset is drawn with ``seed`` (deterministic per run seed).
     """
     family = check_dataset_config(cfg)
-    setting = str(getattr(cfg.setting, "value", cfg.setting))
+    setting = cfg.setting
     cache: dict[str, tuple[ArrayDataset, ArrayDataset]] = {}
 
     def load(name: str) -> tuple[ArrayDataset, ArrayDataset]:
@@ -163,12 +176,12 @@ def build_data(cfg: DatasetConfig, seed: int) -> DataModule:
         else:
             take = lambda n: n  # noqa: E731
         _, chosen = _split_per_class(train.targets[pool], take, rng)
-        evals = {"target_val": train.subset(val)} if len(val) else {}
-        evals.update(_eval_entries("target_test", [name], [test]))
-        if cfg.source:
-            evals.update(_eval_entries("source_test", list(cfg.source), [load(s)[1] for s in cfg.source]))
-        return DataModule(train=train.subset(pool[chosen]), eval_splits=evals,
-                          selection_split="target_val" if len(val) else None, train_domains=[name])
+        evals = {**_eval_entries("target_val", [name], [train.subset(val)]),
+                 **_eval_entries("target_test", [name], [test]),
+                 **_eval_entries("source_test", list(cfg.source), [load(s)[1] for s in cfg.source])}
+        return _check_labels(DataModule(train=train.subset(pool[chosen]), eval_splits=evals,
+                                        selection_split="target_val" if "target_val" in evals else None,
+                                        train_domains=[name]), cfg.num_classes)
 
     train_parts, val_parts = [], []
     for i, name in enumerate(cfg.source):
@@ -179,11 +192,9 @@ def build_data(cfg: DatasetConfig, seed: int) -> DataModule:
     evals = {**_eval_entries("source_val", list(cfg.source), val_parts),
              **_eval_entries("source_test", list(cfg.source), [load(s)[1] for s in cfg.source]),
              **_eval_entries("target_test", list(cfg.target), [load(t)[1] for t in cfg.target])}
-    if cfg.val_fraction == 0:
-        evals = {k: v for k, v in evals.items() if not k.startswith("source_val")}
     unlabeled = None
     if setting == "da":
         unlabeled = ArrayDataset.concat([load(t)[0].unlabeled() for t in cfg.target])
-    return DataModule(train=ArrayDataset.concat(train_parts), eval_splits=evals,
-                      selection_split="source_val" if cfg.val_fraction > 0 else None,
-                      unlabeled=unlabeled, train_domains=list(cfg.source))
+    return _check_labels(DataModule(train=ArrayDataset.concat(train_parts), eval_splits=evals,
+                                    selection_split="source_val" if "source_val" in evals else None,
+                                    unlabeled=unlabeled, train_domains=list(cfg.source)), cfg.num_classes)

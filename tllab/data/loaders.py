@@ -67,7 +67,8 @@ class ForeverLoader:
             sampler = InfiniteBatchSampler(len(self.dataset), self.batch_size, self.seed, self.batches)
             self._it = iter(DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                                        collate_fn=getattr(self.dataset, "collate_fn", None),
-                                       persistent_workers=self.num_workers > 0))
+                                       persistent_workers=self.num_workers > 0,
+                                       generator=_own_generator(self.seed, self.batches)))
         self.batches += 1
         return next(self._it)
 
@@ -83,4 +84,11 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> Data
     """Sequential, unshuffled batches over the whole dataset."""
     sampler = BatchSampler(SequentialSampler(dataset), batch_size, drop_last=False)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                      collate_fn=getattr(dataset, "collate_fn", None))
+                      collate_fn=getattr(dataset, "collate_fn", None), generator=_own_generator(0, 0))
+
+
+def _own_generator(seed: int, position: int) -> torch.Generator:
+    """A DataLoader draws its workers' base seed from its generator, by default the global one;
+    its own generator keeps the global RNG stream (and so a resumed run) independent of when
+    loaders are created."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + position)

@@ -46,7 +46,6 @@ def create_backbone(library: str, name: str, pretrained: str | None = None, **kw
         >>> create_backbone("tllab", "digits_cnn").out_features
         2048
     """
-    library = str(getattr(library, "value", library))
     if library == "tllab":
         if name not in TLLAB_MODELS:
             raise ConfigError(f"unknown tllab backbone {name!r}; available: {sorted(TLLAB_MODELS)}.")

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from tllab.checkpoint import load_checkpoint
 from tllab.errors import CheckpointError, ConfigError
 
 # timm names that have offline ImageNet weights, and the package providing them.
@@ -61,13 +62,11 @@ def backbone_state_from_file(path: str | Path) -> dict[str, Tensor]:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise CheckpointError(f"pretrained checkpoint {str(path)!r} does not exist; set backbone.pretrained "
-                              "to an existing file (e.g. <run dir>/checkpoints/last.pt) or to null.")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read pretrained checkpoint {str(path)!r} ({type(e).__name__}: {e}); "
-                              "the file is corrupt or not a torch checkpoint.") from e
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"pretrained checkpoint {str(path)!r} {what}; set backbone.pretrained "
+                              "to a checkpoint file (e.g. <run dir>/checkpoints/last.pt) or to null.")
+    obj = load_checkpoint(path, "The file is corrupt or not a torch checkpoint: set backbone.pretrained to "
+                                "a tllab checkpoint or a state dict.")
     state: Mapping[str, Tensor] = obj.get("model", obj) if isinstance(obj, Mapping) else {}
     state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, Tensor)}
     if any(k.startswith("backbone.") for k in state):
