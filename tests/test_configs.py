@@ -13,7 +13,7 @@ from tests.conftest import compose_config
 from tllab.data import check_dataset_config
 from tllab.errors import ConfigError
 from tllab.models import Classifier, create_backbone
-from tllab.optim import build_optimizer, build_scheduler
+from tllab.optim import build_optimizer, build_scheduler, lr_factor
 from tllab.plugin import build_plugins
 from tllab.train import resolve_config
 
@@ -45,10 +45,12 @@ def test_every_optimizer_and_schedule_builds(name):
     model = torch.nn.Linear(3, 2)
     opt = build_optimizer(cfg.optim, [{"params": model.parameters(), "lr": cfg.optim.lr}])
     sched = build_scheduler(cfg.optim.scheduler, opt, total_steps=100)
-    assert opt.param_groups[0]["lr"] == pytest.approx(cfg.optim.lr)
-    opt.step()
-    sched.step()
-    assert opt.param_groups[0]["lr"] <= cfg.optim.lr
+    assert type(opt).__name__.lower() == name
+    assert opt.param_groups[0]["lr"] == pytest.approx(cfg.optim.lr * lr_factor(cfg.optim.scheduler, 0, 100))
+    for _ in range(50):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(cfg.optim.lr * lr_factor(cfg.optim.scheduler, 50, 100))
 
 
 @pytest.mark.parametrize("group", ["dataset", "trainer", "logger"])
