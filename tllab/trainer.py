@@ -119,9 +119,9 @@ class Trainer:
 
         self.source_loader = ForeverLoader(self.data.train, tc.batch_size, seed=2 * cfg.seed,
                                            num_workers=tc.num_workers)
-        self.uses_target = any(p.uses_target for p in self.plugins.values())
+        uses_target = any(p.uses_target for p in self.plugins.values())
         self.target_loader = (ForeverLoader(self.data.unlabeled, tc.batch_size, seed=2 * cfg.seed + 1,
-                                            num_workers=tc.num_workers) if self.uses_target else None)
+                                            num_workers=tc.num_workers) if uses_target else None)
 
         run_dir.mkdir(parents=True, exist_ok=True)
         self.results = ResultsFile(run_dir)
