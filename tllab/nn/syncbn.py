@@ -1,0 +1,206 @@
+"""Synchronized BatchNorm for any backend (gloo on CPU, NCCL on GPU), exact for uneven batches.
+
+``torch.nn.SyncBatchNorm`` refuses CPU tensors, and PyTorch-Encoding's ``DistSyncBatchNorm``
+averages per-rank means without weighting them by the per-rank counts and uses a one-pass
+biased variance for the running statistics. This version combines per-rank ``(count, mean, M2)``
+with Chan's parallel formula in float64, so the batch statistics, the running statistics and
+every gradient equal those of ``BatchNorm`` on the concatenation of all ranks' batches.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def _group_size(group: dist.ProcessGroup | None) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Normalize with global batch statistics; returns ``(y, mean, unbiased var)``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, group):
+        c = x.shape[1]
+        flat = x.transpose(0, 1).reshape(c, -1)
+        n = flat.shape[1]
+        local = torch.zeros(2 * c + 1, dtype=torch.float64, device=x.device)
+        local[0] = n
+        if n > 0:
+            var, mean = torch.var_mean(flat.float() if flat.dtype == torch.float16 else flat, dim=1, correction=0)
+            local[1:c + 1], local[c + 1:] = mean.double(), var.double() * n
+        stats = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(stats, local, group=group)
+        stats = torch.stack(stats)
+        counts, means, m2s = stats[:, :1], stats[:, 1:c + 1], stats[:, c + 1:]
+        total = counts.sum()
+        if total <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got {int(total)} over all ranks")
+        mean = (counts * means).sum(0) / total
+        m2 = (m2s + counts * (means - mean) ** 2).sum(0)  # Chan et al.: exact, no cancellation
+        invstd = torch.rsqrt(m2 / total + eps)
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        xhat = (x - mean.to(x.dtype).view(shape)) * invstd.to(x.dtype).view(shape)
+        y = xhat
+        if weight is not None:
+            y = y * weight.view(shape) + bias.view(shape)
+        ctx.save_for_backward(xhat, weight, invstd.to(x.dtype))
+        ctx.total, ctx.group = total.item(), group
+        unbiased = m2 / (total - 1)
+        ctx.mark_non_differentiable(mean, unbiased)
+        return y, mean, unbiased
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, _dmean, _dvar):
+        xhat, weight, invstd = ctx.saved_tensors
+        c = dy.shape[1]
+        dims = [0] + list(range(2, dy.dim()))
+        sum_dy = dy.sum(dims) if dy.numel() else dy.new_zeros(c)
+        sum_dy_xhat = (dy * xhat).sum(dims) if dy.numel() else dy.new_zeros(c)
+        both = torch.cat([sum_dy, sum_dy_xhat])
+        dist.all_reduce(both, op=dist.ReduceOp.SUM, group=ctx.group)
+        g_dy, g_dy_xhat = both[:c], both[c:]
+        shape = (1, c) + (1,) * (dy.dim() - 2)
+        scale = invstd if weight is None else invstd * weight
+        dx = scale.view(shape) / ctx.total * (ctx.total * dy - g_dy.view(shape) - xhat * g_dy_xhat.view(shape))
+        if weight is None:
+            return dx, None, None, None, None
+        # Parameter gradients stay local: data-parallel gradient averaging sums them over ranks.
+        return dx, sum_dy_xhat, sum_dy, None, None
+
+
+def batch_norm(x: Tensor, bn: _BatchNorm, process_group: dist.ProcessGroup | None = None) -> Tensor:
+    r"""BatchNorm of ``x`` with ``bn``'s affine parameters and running buffers, its batch
+    statistics synchronized over ``process_group`` (default: all ranks) in training mode.
+
+    .. math:: y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma + \beta
+
+    with :math:`\mu, \sigma^2` the mean and biased variance over the batch and spatial dimensions
+    of *all* ranks' inputs. Running statistics are updated with the unbiased variance over the
+    global count, with ``bn.momentum`` (``None``: cumulative average), exactly as ``bn`` would on
+    the concatenated batch. In eval mode, outside a process group or with one rank it is
+    ``nn.BatchNorm``'s own forward (no communication). BatchNorm-derived layers that set
+    ``supports_sync = True`` call this when their ``sync`` flag is set (see
+    :func:`convert_sync_batchnorm`).
+
+    Args:
+        x: input :math:`(N, C, *)`; a rank may have :math:`N = 0`.
+        bn: the module whose parameters, buffers, ``eps`` and ``momentum`` are used.
+        process_group: the ranks to synchronize over.
+
+    Example:
+        >>> batch_norm(torch.randn(4, 3, 5, 5), nn.BatchNorm2d(3)).shape
+        torch.Size([4, 3, 5, 5])
+    """
+    if not (bn.training and _group_size(process_group) > 1):
+        return _BatchNorm.forward(bn, x)
+    y, mean, var = _SyncBatchNormFunction.apply(x, bn.weight, bn.bias, bn.eps, process_group)
+    if bn.track_running_stats:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / bn.num_batches_tracked.item() if bn.momentum is None else bn.momentum
+            bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+            bn.running_var.mul_(1 - factor).add_(var.to(bn.running_var.dtype), alpha=factor)
+    return y
+
+
+class SyncBatchNorm(_BatchNorm):
+    r"""BatchNorm whose batch statistics are computed over all ranks, on any backend.
+
+    Same arguments, parameters and buffers as ``nn.BatchNorm{1,2,3}d`` plus ``process_group``;
+    works for any input of at least 2 dimensions. See :func:`batch_norm` for the exact
+    semantics. Outside a process group it is plain BatchNorm.
+
+    Args:
+        num_features: :math:`C`.
+        eps: added to the variance. Default: 1e-5.
+        momentum: running-statistics factor; ``None`` for a cumulative average. Default: 0.1.
+        affine: learnable :math:`\gamma, \beta`. Default: True.
+        track_running_stats: keep running mean/var. Default: True.
+        process_group: ranks to synchronize over. Default: all.
+
+    Shape:
+        - Input: :math:`(N, C, *)`; Output: same shape.
+
+    Example:
+        >>> layer = SyncBatchNorm(16)
+        >>> layer(torch.randn(8, 16, 4, 4)).shape
+        torch.Size([8, 16, 4, 4])
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group: dist.ProcessGroup | None = None,
+                 device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        return batch_norm(x, self, self.process_group)
+
+
+# PyTorch-Encoding's name for the same layer.
+DistSyncBatchNorm = SyncBatchNorm
+
+_PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _moved(src: _BatchNorm, dst: _BatchNorm) -> _BatchNorm:
+    """``dst`` holding ``src``'s very parameter and buffer objects and training flag."""
+    for name in ("weight", "bias"):
+        setattr(dst, name, getattr(src, name))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        dst.register_buffer(name, getattr(src, name))
+    return dst.train(src.training)
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
+    """Make every BatchNorm in ``module`` synchronize its batch statistics.
+
+    Plain ``BatchNorm{1,2,3}d`` (and ``torch.nn.SyncBatchNorm``) become :class:`SyncBatchNorm`
+    sharing the same parameter and buffer objects. BatchNorm subclasses that set
+    ``supports_sync = True`` (and normalize through :func:`batch_norm` with their
+    ``process_group`` attribute) keep their class and every extra parameter; the converter sets
+    ``sync = True`` and ``process_group`` on them. Other subclasses are left as they are, with a
+    warning. Returns the converted module (a new object only when ``module`` itself is a BN).
+    """
+    if type(module) in _PLAIN:
+        new = _moved(module, SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                           module.track_running_stats, process_group))
+        new.reverts_to = type(module) if type(module) is not nn.SyncBatchNorm else nn.BatchNorm2d
+        return new
+    if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
+        if getattr(module, "supports_sync", False):
+            module.sync, module.process_group = True, process_group
+        else:
+            warnings.warn(f"{type(module).__name__} is a BatchNorm subclass without supports_sync; it is not "
+                          "synchronized", stacklevel=2)
+    for name, child in module.named_children():
+        setattr(module, name, convert_sync_batchnorm(child, process_group))
+    return module
+
+
+def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Inverse of :func:`convert_sync_batchnorm`: each :class:`SyncBatchNorm` back to the class it
+    was converted from (``BatchNorm2d`` if it was built directly), flagged subclasses back to
+    ``sync = False``; parameters and buffers are shared, so ``state_dict`` values are unchanged."""
+    if type(module) is SyncBatchNorm:
+        cls = getattr(module, "reverts_to", nn.BatchNorm2d)
+        return _moved(module, cls(module.num_features, module.eps, module.momentum, module.affine,
+                                  module.track_running_stats))
+    if getattr(module, "supports_sync", False):
+        module.sync, module.process_group = False, None
+    for name, child in module.named_children():
+        setattr(module, name, revert_sync_batchnorm(child))
+    return module
