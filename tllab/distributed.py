@@ -7,6 +7,7 @@ method written with them runs the same way on one CPU and on many GPUs:
 - :func:`all_reduce_sum` — sum a tensor over ranks (counts, statistics, gradients);
 - :func:`all_gather_cat` — concatenate per-rank tensors whose first dimension may differ
   (features of uneven batches, a MoCo-style queue update);
+- :func:`all_gather_objects` — every rank's picklable object (per-rank RNG states);
 - :func:`broadcast_object` — compute something once on rank 0 and share it (Co-Tuning's
   relationship, LwF's teacher outputs, DELTA's channel attention);
 - :func:`broadcast_tensors` — overwrite tensors with rank 0's values (random masks that must
@@ -26,17 +27,26 @@ import torch.distributed as dist
 from torch import Tensor
 
 
+def dist_is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def is_dist() -> bool:
     """True inside an initialized process group with more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return dist_is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if dist_is_initialized() else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if dist_is_initialized() else 1
+
+
+def local_rank() -> int:
+    """This process's index on its machine (its GPU), from the launcher's environment."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", rank())))
 
 
 def is_main() -> bool:
@@ -77,6 +87,15 @@ def all_gather_cat(t: Tensor) -> Tensor:
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in one process."""
+    if not is_dist():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -46,9 +46,19 @@ class SchedulerName(str, Enum):
     inv = "inv"  # tllib's inverse decay: lr * (1 + gamma * step) ** -power
 
 
+class Precision(str, Enum):
+    float32 = "float32"
+    float64 = "float64"  # for exact numerical comparisons (slow)
+
+
 class AmpDtype(str, Enum):
     bfloat16 = "bfloat16"
     float16 = "float16"
+
+
+class Strategy(str, Enum):
+    single = "single"  # one process
+    ddp = "ddp"  # data parallel: one process per device, gradients averaged, optional SyncBN
 
 
 class WandbMode(str, Enum):
@@ -110,13 +120,17 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    strategy: Strategy = Strategy.single
+    devices: int = 1  # ddp: processes started on this machine (ignored under torchrun/SLURM)
+    sync_bn: bool = False  # ddp: synchronize BatchNorm statistics over all ranks
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (ddp: cuda uses the rank's local GPU)
     epochs: int = 3
     iters_per_epoch: int | None = None  # None: one pass over the labelled train set
-    batch_size: int = 64
+    batch_size: int = 64  # per process: ddp over N processes trains on N * batch_size per step
     eval_batch_size: int = 256
     eval_every: int | None = None  # steps between evaluations; None: every epoch
     max_steps: int | None = None  # smoke mode: stop after this many optimizer steps
+    precision: Precision = Precision.float32  # dtype of weights and inputs
     amp: bool = False
     amp_dtype: AmpDtype = AmpDtype.bfloat16
     grad_clip: float | None = None  # max global gradient norm
@@ -169,6 +183,7 @@ def validate_config(cfg: TrainConfig) -> None:
         ("trainer.max_steps", t.max_steps, t.max_steps is None or t.max_steps >= 1, ">= 1 or null"),
         ("trainer.grad_clip", t.grad_clip, t.grad_clip is None or t.grad_clip > 0, "> 0 or null"),
         ("trainer.num_workers", t.num_workers, t.num_workers >= 0, ">= 0"),
+        ("trainer.devices", t.devices, t.devices >= 1, ">= 1"),
         ("optim.lr", o.lr, o.lr > 0, "> 0"),
         ("optim.backbone_lr_mult", o.backbone_lr_mult, o.backbone_lr_mult >= 0, ">= 0"),
         ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),

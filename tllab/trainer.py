@@ -24,20 +24,34 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from tllab.checkpoint import load_checkpoint, rng_state, save_atomic, seed_everything, set_rng_state
 from tllab.data import DataModule, build_data, check_dataset_config
 from tllab.data.loaders import ForeverLoader, eval_loader
+from tllab.distributed import (
+    all_gather_objects,
+    all_reduce_sum,
+    broadcast_tensors,
+    dist_is_initialized,
+    is_main,
+    local_rank,
+    rank,
+    world_size,
+)
 from tllab.errors import CheckpointError, ConfigError, NonFiniteLossError
 from tllab.loggers import ResultsFile, WandbRun, write_json_atomic
 from tllab.models import Classifier, create_backbone
+from tllab.nn import convert_sync_batchnorm
 from tllab.optim import build_optimizer, build_scheduler, lr_factor
 from tllab.plugin import Plugin, SetupContext, StepOutput, build_plugins, overrides_forward
-from tllab.schema import AmpDtype, Setting, TrainConfig, validate_config
+from tllab.schema import AmpDtype, Precision, Setting, TrainConfig, validate_config
 
 log = logging.getLogger("tllab")
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available, else CPU; other names are checked against this machine."""
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; other names are checked against this machine.
+    Under data parallelism a plain ``cuda`` means this process's GPU, ``cuda:<local rank>``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and dist_is_initialized():
+        name = f"cuda:{local_rank}"
     try:
         device = torch.device(name)
     except RuntimeError as e:
@@ -45,6 +59,11 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"trainer.device={name} but CUDA is not available; use trainer.device=cpu or auto.")
     return device
+
+
+def _upcast(t: Tensor) -> Tensor:
+    """Losses of half-precision (AMP) logits are computed in float32."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def group_keys(cfg: TrainConfig) -> dict[str, Any]:
@@ -73,6 +92,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, resolved: dict[str, Any]) -> None:
         self.cfg, self.run_dir, self.resolved = cfg, run_dir, resolved
+        self.rank, self.world, self.main = rank(), world_size(), is_main()
         tc = cfg.trainer
         # Everything a user can get wrong in the config fails here, before any data is loaded.
         validate_config(cfg)
@@ -85,17 +105,21 @@ class Trainer:
         check_dataset_config(cfg.dataset)
         if cfg.dataset.setting == "finetune" and not cfg.backbone.pretrained:
             log.warning("fine-tuning from random init (backbone.pretrained=null): the train-from-scratch baseline")
-        self.device = resolve_device(tc.device)
+        self.device = resolve_device(tc.device, local_rank())
         self.keys = group_keys(cfg)
         model = Classifier(create_backbone(cfg.backbone.library, cfg.backbone.name, cfg.backbone.pretrained,
                                            **cfg.backbone.kwargs),
                            cfg.dataset.num_classes, cfg.backbone.bottleneck_dim)
         for plugin in self.plugins.values():
             model = plugin.transform_model(model)
-        self.model = model.to(self.device)
+        if tc.sync_bn:
+            model = convert_sync_batchnorm(model)
+        self.dtype = getattr(torch, Precision(tc.precision).value)
+        self.model = model.to(self.device, self.dtype)
+        broadcast_tensors(self.model.state_dict().values())  # every rank starts from rank 0's weights
         self.data: DataModule = build_data(cfg.dataset, cfg.seed)
         for plugin in self.plugins.values():
-            plugin.to(self.device)
+            plugin.to(self.device, self.dtype)
         self.ctx = SetupContext(self.model, self.data, self.device, run_dir, resolved)
         for plugin in self.plugins.values():
             plugin.setup(self.ctx)
@@ -105,7 +129,8 @@ class Trainer:
         groups = [{**g, "params": [q for q in g["params"] if id(q) not in claimed]}
                   for g in self.model.get_parameters(cfg.optim.lr, cfg.optim.backbone_lr_mult)]
         self.optimizer = build_optimizer(cfg.optim, [g for g in groups if g["params"]] + plugin_groups)
-        self.iters_per_epoch = tc.iters_per_epoch or max(1, math.ceil(len(self.data.train) / tc.batch_size))
+        global_batch = tc.batch_size * self.world
+        self.iters_per_epoch = tc.iters_per_epoch or max(1, math.ceil(len(self.data.train) / global_batch))
         self.total_steps = tc.epochs * self.iters_per_epoch
         if tc.max_steps is not None:
             self.total_steps = min(self.total_steps, tc.max_steps)
@@ -117,13 +142,16 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=tc.amp and amp_dtype == torch.float16 and self.device.type == "cuda")
 
-        self.source_loader = ForeverLoader(self.data.train, tc.batch_size, seed=2 * cfg.seed,
-                                           num_workers=tc.num_workers)
+        shard = {"num_workers": tc.num_workers, "rank": self.rank, "world": self.world}
+        self.source_loader = ForeverLoader(self.data.train, tc.batch_size, seed=2 * cfg.seed, **shard)
         uses_target = any(p.uses_target for p in self.plugins.values())
-        self.target_loader = (ForeverLoader(self.data.unlabeled, tc.batch_size, seed=2 * cfg.seed + 1,
-                                            num_workers=tc.num_workers) if uses_target else None)
+        self.target_loader = (ForeverLoader(self.data.unlabeled, tc.batch_size, seed=2 * cfg.seed + 1, **shard)
+                              if uses_target else None)
+        # Per-rank randomness (dropout, augmentation) after the identical initialization.
+        seed_everything(cfg.seed + 1_000_003 * self.rank, tc.deterministic)
 
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if self.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
         self.results = ResultsFile(run_dir)
         self.ckpt_dir = run_dir / "checkpoints"
         self.step = 0
@@ -150,7 +178,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": rng_state(),
+            "rng": all_gather_objects(rng_state()),  # one entry per rank
             "loaders": {"source": self.source_loader.state_dict(),
                         "target": self.target_loader.state_dict() if self.target_loader else None},
             "step": self.step,
@@ -178,18 +206,25 @@ class Trainer:
                                   "(<run dir>/config.yaml) or use a new hydra.run.dir.") from e
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        if len(state["rng"]) != self.world:
+            raise CheckpointError(f"{path} was written by {len(state['rng'])} process(es), this run has {self.world}; "
+                                  "resume with the same number of devices.")
+        set_rng_state(state["rng"][self.rank])
         self.source_loader.load_state_dict(state["loaders"]["source"])
         if self.target_loader is not None:
             self.target_loader.load_state_dict(state["loaders"]["target"])
         self.step, self.elapsed, self.best = state["step"], state["elapsed"], state["best"]
-        self.results.truncate_after(self.step)
+        if self.main:
+            self.results.truncate_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
 
     def _save(self, metrics: dict[str, float]) -> None:
         if not self.cfg.trainer.save_checkpoints:
             return
-        save_atomic(self._state(), self.ckpt_dir / "last.pt")
+        state = self._state()  # collective (gathers every rank's RNG state)
+        if not self.main:
+            return
+        save_atomic(state, self.ckpt_dir / "last.pt")
         if self.best.get("step") == self.step:
             save_atomic({**self._weights(), "step": self.step, "metrics": metrics, "keys": self.keys},
                         self.ckpt_dir / "best.pt")
@@ -210,16 +245,17 @@ class Trainer:
     def train_step(self) -> tuple[dict[str, Tensor], Tensor]:
         """One optimizer step; returns the named loss terms and the labelled-batch accuracy."""
         x_s, y_s, d_s = (t.to(self.device, non_blocking=True) for t in next(self.source_loader))
-        x_t = next(self.target_loader)[0].to(self.device, non_blocking=True) if self.target_loader else None
+        x_s = x_s.to(self.dtype)
+        x_t = next(self.target_loader)[0].to(self.device, self.dtype) if self.target_loader else None
         with self.autocast():
             logits_s, f_s, logits_t, f_t = self.forward(x_s, x_t)
             out = StepOutput(step=self.step, total_steps=self.total_steps, model=self.model, x_s=x_s, y_s=y_s,
                              d_s=d_s, logits_s=logits_s, f_s=f_s, x_t=x_t, logits_t=logits_t, f_t=f_t)
-            terms = {"ce": F.cross_entropy(out.logits_s.float(), y_s)}
+            terms = {"ce": F.cross_entropy(_upcast(out.logits_s), y_s)}
             for name, plugin in self.plugins.items():
                 terms.update({f"{name}/{k}": v for k, v in plugin.loss(out).items()})
             loss = sum(terms.values())
-        if not torch.isfinite(loss):
+        if all_reduce_sum(torch.isfinite(loss.detach()).logical_not().float()).item() > 0:  # any rank
             values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
             last = self.ckpt_dir / "last.pt"
             raise NonFiniteLossError(
@@ -228,6 +264,7 @@ class Trainer:
                 "trainer.grad_clip, or reduce the weight of the diverging loss term.")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        self._average_gradients()
         if self.cfg.trainer.grad_clip:
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -240,24 +277,40 @@ class Trainer:
         acc = (out.logits_s.argmax(1) == y_s).float().mean()
         return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}, acc
 
+    def _average_gradients(self) -> None:
+        """Data parallelism: every parameter's gradient becomes the mean over ranks, in one
+        all-reduce (a parameter without a gradient counts as zero)."""
+        if self.world == 1:
+            return
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])).div_(self.world)
+        for p, part in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = part.view_as(p)
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Accuracy and mean cross-entropy on every evaluation split."""
+        """Accuracy and mean cross-entropy on every evaluation split; under data parallelism each
+        rank evaluates its part of every split (after taking rank 0's BatchNorm buffers) and the
+        sums are all-reduced, so the result equals one process evaluating everything."""
+        broadcast_tensors(self.model.buffers())
         model = self.model
         for plugin in self.plugins.values():
             model = plugin.eval_model(model, self.ctx)
         was_training = self.model.training
         model.eval()
         metrics: dict[str, float] = {}
+        tc = self.cfg.trainer
         for split, dataset in self.data.eval_splits.items():
-            correct, loss, n = 0, 0.0, 0
-            for x, y, _ in eval_loader(dataset, self.cfg.trainer.eval_batch_size, self.cfg.trainer.num_workers):
-                x, y = x.to(self.device), y.to(self.device)
+            sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # correct, loss, count
+            for x, y, _ in eval_loader(dataset, tc.eval_batch_size, tc.num_workers, self.rank, self.world):
+                x, y = x.to(self.device, self.dtype), y.to(self.device)
                 with self.autocast():
                     logits, _ = model(x)
-                loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
-                correct += (logits.argmax(1) == y).sum().item()
-                n += len(y)
+                sums += torch.stack([(logits.argmax(1) == y).sum().double(),
+                                     F.cross_entropy(_upcast(logits), y, reduction="sum").double(),
+                                     torch.tensor(len(y), dtype=torch.float64, device=self.device)])
+            correct, loss, n = all_reduce_sum(sums).tolist()
             metrics[f"{split}/acc"], metrics[f"{split}/loss"] = correct / n, loss / n
         self.model.train(was_training)
         return metrics
@@ -267,8 +320,8 @@ class Trainer:
         """Train to ``total_steps`` (evaluating and checkpointing every ``eval_every`` steps and at
         the end), then write ``summary.json`` and the ``done`` marker; return the summary."""
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.cfg.trainer.quiet, desc="train",
-                   dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.cfg.trainer.quiet or not self.main,
+                   desc="train", dynamic_ncols=True)
         with bar, logging_redirect_tqdm():  # log lines print above the progress bar
             self._train_until_done(bar, wandb_run)
         return self._finish()
@@ -289,7 +342,8 @@ class Trainer:
                             img_s=f"{images / max(now - tick, 1e-9):.0f}", refresh=False)
             if self.step % self.eval_every == 0 or self.step == self.total_steps:
                 self.elapsed += now - tick
-                train = {f"train/{k}": v / count for k, v in sums.items()}
+                means = all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64, device=self.device))
+                train = {f"train/{k}": v / count / self.world for k, v in zip(sums, means.tolist())}
                 self._evaluate_and_record(train, wandb_run)
                 sums, count, images, tick = {}, 0, 0, time.perf_counter()
 
@@ -313,14 +367,18 @@ class Trainer:
         score = metrics[f"{sel}/acc"] if sel else self.step
         if not self.best or score >= self.best["score"]:
             self.best = {"step": self.step, "score": score, "metrics": metrics}
-        self.results.append(record)
-        if wandb_run is not None:
-            wandb_run.log({k: record[k] for k in ("step", "epoch", "lr", *metrics)})
-        shown = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("/acc"))
-        log.info("step %d/%d | %s", self.step, self.total_steps, shown)
+        if self.main:
+            self.results.append(record)
+            if wandb_run is not None:
+                wandb_run.log({k: record[k] for k in ("step", "epoch", "lr", *metrics)})
+            shown = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("/acc"))
+            log.info("step %d/%d | %s", self.step, self.total_steps, shown)
         self._save(metrics)
 
     def _finish(self) -> dict[str, Any]:
+        """Write ``summary.json`` and ``done`` (rank 0) and return the summary ({} on other ranks)."""
+        if not self.main:
+            return {}
         records = self.results.records()
         summary = {
             **self.keys,

@@ -5,16 +5,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 
 class InfiniteBatchSampler(Sampler[list[int]]):
-    """An endless stream of shuffled passes over ``range(n)``, cut into batches.
+    """An endless stream of shuffled passes over ``range(n)``, cut into batches, sharded by rank.
 
     Pass ``p`` is ``randperm(n)`` drawn from a generator seeded with ``seed * 1_000_003 + p``; the
-    passes are concatenated and batch ``b`` is elements ``[b * B, (b + 1) * B)`` of that stream.
-    So batch ``b`` depends only on ``(n, B, seed, b)``: starting at ``start_batch`` reproduces an
-    uninterrupted run exactly, and a set smaller than one batch still works.
+    passes are concatenated and global batch ``b`` is elements ``[b * G, (b + 1) * G)`` of that
+    stream, ``G = batch_size * world``; rank ``r`` gets the ``r``-th slice of ``batch_size``. So
+    the ranks' batches are disjoint, their concatenation is the batch one process with
+    ``batch_size * world`` would draw, batch ``b`` depends only on ``(n, G, seed, b)`` (starting
+    at ``start_batch`` reproduces an uninterrupted run), and a set smaller than a batch works.
 
     Example:
         >>> it = iter(InfiniteBatchSampler(5, 4, seed=0))
@@ -22,10 +24,12 @@ class InfiniteBatchSampler(Sampler[list[int]]):
         (4, 4)
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, start_batch: int = 0) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0,
+                 world: int = 1) -> None:
         if n <= 0:
             raise ValueError("cannot sample batches from an empty dataset")
-        self.n, self.batch_size, self.seed, self.start_batch = n, batch_size, seed, start_batch
+        self.n, self.seed, self.start_batch = n, seed, start_batch
+        self.batch_size, self.shard = batch_size * world, slice(rank * batch_size, (rank + 1) * batch_size)
 
     def _perm(self, p: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + p)
@@ -44,7 +48,7 @@ class InfiniteBatchSampler(Sampler[list[int]]):
                 if offset == self.n:
                     p, offset = p + 1, 0
                     perm = self._perm(p)
-            yield batch
+            yield batch[self.shard]
 
 
 class ForeverLoader:
@@ -52,10 +56,14 @@ class ForeverLoader:
 
     ``state_dict()`` is the number of batches handed out; ``load_state_dict`` restarts the
     sampler at that batch, so a resumed run sees exactly the batches an uninterrupted run would.
+    Under data parallelism each rank gets its shard of every global batch (see
+    :class:`InfiniteBatchSampler`).
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0) -> None:
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, rank: int = 0,
+                 world: int = 1) -> None:
         self.dataset, self.batch_size, self.seed, self.num_workers = dataset, batch_size, seed, num_workers
+        self.rank, self.world = rank, world
         self.batches = 0
         self._it: Iterator | None = None
 
@@ -64,7 +72,8 @@ class ForeverLoader:
 
     def __next__(self):
         if self._it is None:
-            sampler = InfiniteBatchSampler(len(self.dataset), self.batch_size, self.seed, self.batches)
+            sampler = InfiniteBatchSampler(len(self.dataset), self.batch_size, self.seed, self.batches,
+                                           self.rank, self.world)
             self._it = iter(DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                                        collate_fn=getattr(self.dataset, "collate_fn", None),
                                        persistent_workers=self.num_workers > 0,
@@ -80,9 +89,12 @@ class ForeverLoader:
         self._it = None
 
 
-def eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
-    """Sequential, unshuffled batches over the whole dataset."""
-    sampler = BatchSampler(SequentialSampler(dataset), batch_size, drop_last=False)
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, rank: int = 0, world: int = 1
+                ) -> DataLoader:
+    """Sequential, unshuffled batches over rank ``rank``'s contiguous part of the dataset (all of
+    it in one process): every sample is evaluated by exactly one rank."""
+    lo, hi = len(dataset) * rank // world, len(dataset) * (rank + 1) // world
+    sampler = BatchSampler(range(lo, hi), batch_size, drop_last=False)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                       collate_fn=getattr(dataset, "collate_fn", None), generator=_own_generator(0, 0))
 

@@ -1,0 +1,174 @@
+"""Running one training: in this process, in N spawned data-parallel processes, or as one rank
+of a torchrun / SLURM launch.
+
+- ``trainer=ddp trainer.devices=N``: the config is composed once (by Hydra, in the launching
+  process), checked, and handed to N spawned workers joined by a gloo (CPU) or NCCL (GPU)
+  process group; the launching process only waits and reports.
+- Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) or ``srun`` (``SLURM_PROCID`` and
+  ``MASTER_ADDR`` set), :func:`join_launcher_group` joins the group before Hydra starts; ranks
+  other than 0 run Hydra without outputs and receive rank 0's run dir.
+
+Only rank 0 writes into the run dir (config, records, checkpoints, logs, W&B).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+from omegaconf import OmegaConf
+
+from tllab import errors
+from tllab.distributed import dist_is_initialized, env_world, is_main
+from tllab.errors import ConfigError, TllabError
+from tllab.loggers import WandbRun
+from tllab.schema import TrainConfig
+from tllab.trainer import Trainer
+
+log = logging.getLogger("tllab")
+
+# Keys that may change when a run is resumed: they do not affect its results.
+RESUMABLE_KEYS = ("trainer.quiet", "trainer.resume", "trainer.num_workers", "trainer.eval_batch_size",
+                  "trainer.device", "logger.")
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def claim_run_dir(run_dir: Path, resolved: dict[str, Any]) -> None:
+    """Write ``config.yaml`` into a new run dir; for a started one (checkpoint or ``done``), keep
+    its config and refuse a new config that differs in a key that matters."""
+    saved_file = run_dir / "config.yaml"
+    started = (run_dir / "checkpoints" / "last.pt").exists() or (run_dir / "done").exists()
+    if not (started and saved_file.exists()):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved_file.write_text(OmegaConf.to_yaml(resolved))
+        return
+    saved, new = _flatten(yaml.safe_load(saved_file.read_text())), _flatten(resolved)
+    diff = [f"{k}: {saved.get(k, '<unset>')} -> {new.get(k, '<unset>')}" for k in sorted(saved.keys() | new.keys())
+            if saved.get(k) != new.get(k) and not k.startswith(RESUMABLE_KEYS)]
+    if diff:
+        raise ConfigError(f"{run_dir} holds a run with another config ({'; '.join(diff[:6])}); rerun it with its "
+                          "own config (<run dir>/config.yaml) or choose a new hydra.run.dir.")
+
+
+def finished_summary(run_dir: Path) -> dict[str, Any] | None:
+    if (run_dir / "done").exists() and (run_dir / "summary.json").exists():
+        return json.loads((run_dir / "summary.json").read_text())
+    return None
+
+
+def train_process(cfg: TrainConfig, resolved: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Train in this process (alone, or as one rank of a process group) and return the summary
+    ({} on ranks other than 0). A finished run dir is not trained again; a started one resumes."""
+    if is_main():
+        claim_run_dir(run_dir, resolved)
+    done = finished_summary(run_dir)
+    if done is not None:
+        log.info("%s is complete (done marker); not training again", run_dir)
+        return done if is_main() else {}
+    trainer = Trainer(cfg, run_dir, resolved)
+    wandb_run = WandbRun(cfg.logger, resolved, trainer.keys, run_dir) if cfg.logger.wandb and is_main() else None
+    try:
+        summary = trainer.fit(wandb_run)
+    except BaseException:
+        if wandb_run is not None:
+            wandb_run.finish(exit_code=1)
+        raise
+    if wandb_run is not None:
+        wandb_run.finish()
+    return summary
+
+
+def _uses_cuda(cfg: TrainConfig) -> bool:
+    return cfg.trainer.device.startswith("cuda") or (cfg.trainer.device == "auto" and torch.cuda.is_available())
+
+
+def _configure_worker_logging(run_dir: Path | None) -> None:
+    """Spawned workers have no Hydra logging: rank 0 logs to the console and ``train.log``,
+    the other ranks only print warnings."""
+    root = logging.getLogger()
+    root.handlers.clear()
+    formatter = logging.Formatter(LOG_FORMAT)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if run_dir is not None:
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(logging.INFO if run_dir is not None else logging.WARNING)
+
+
+def _ddp_worker(rank: int, world: int, init_method: str, resolved: dict[str, Any], run_dir: str,
+                error_dir: str) -> None:
+    cfg: TrainConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), resolved))
+    os.environ["LOCAL_RANK"] = str(rank)
+    cuda = _uses_cuda(cfg)
+    if cuda:
+        torch.cuda.set_device(rank)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank, world_size=world)
+    _configure_worker_logging(Path(run_dir) if rank == 0 else None)
+    try:
+        train_process(cfg, resolved, Path(run_dir))
+    except TllabError as e:
+        Path(error_dir, f"rank{rank}.json").write_text(json.dumps({"type": type(e).__name__, "message": str(e)}))
+        raise SystemExit(1) from e
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ddp(cfg: TrainConfig, resolved: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Train with ``cfg.trainer.devices`` spawned data-parallel workers; return rank 0's summary.
+    A user error in any worker is raised here as the same :class:`TllabError`."""
+    devices = cfg.trainer.devices
+    if _uses_cuda(cfg) and devices > torch.cuda.device_count():
+        raise ConfigError(f"trainer.devices={devices} but {torch.cuda.device_count()} GPU(s) are visible; lower "
+                          "trainer.devices or set trainer.device=cpu.")
+    claim_run_dir(run_dir, resolved)
+    done = finished_summary(run_dir)
+    if done is not None:
+        return done
+    scratch = Path(tempfile.mkdtemp(prefix="tllab-ddp-"))  # rendezvous file and errors, outside the run dir
+    try:
+        mp.spawn(_ddp_worker, nprocs=devices, join=True,
+                 args=(devices, f"file://{scratch / 'rendezvous'}", resolved, str(run_dir), str(scratch)))
+    except (mp.ProcessRaisedException, mp.ProcessExitedException):
+        reports = sorted(scratch.glob("rank*.json"))
+        if not reports:
+            raise
+        report = json.loads(reports[0].read_text())
+        raise getattr(errors, report["type"], TllabError)(report["message"]) from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def join_launcher_group() -> bool:
+    """Join the process group of a torchrun / SLURM launch (before Hydra starts); False when
+    this process was not started by such a launcher."""
+    world = env_world()
+    if world is None or dist_is_initialized():
+        return False
+    rank, local_rank, size = world
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        backend = "cpu:gloo,cuda:nccl"
+    os.environ["LOCAL_RANK"] = str(local_rank)
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=size)
+    return True
