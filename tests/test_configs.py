@@ -135,3 +135,17 @@ def test_bad_dataset_configs_are_rejected(overrides, match):
     cfg, _ = resolve_config(compose_config(overrides))
     with pytest.raises(ConfigError, match=match):
         check_dataset_config(cfg.dataset)
+
+
+def test_slurm_launcher_config_composes_with_one_gpu_per_process():
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="tllab.configs", version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.tasks_per_node, launcher.nodes) == (1, 1)
+    assert launcher.gpus_per_node == 4  # follows trainer.devices

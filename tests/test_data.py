@@ -11,7 +11,7 @@ import torch
 from tests.conftest import compose_config
 from tllab.data import build_data
 from tllab.data.arrays import ArrayDataset
-from tllab.data.loaders import ForeverLoader, InfiniteBatchSampler
+from tllab.data.loaders import DomainBalancedBatchSampler, ForeverLoader, InfiniteBatchSampler
 from tllab.errors import ConfigError
 from tllab.train import resolve_config
 
@@ -110,3 +110,29 @@ def test_too_many_labels_per_class_is_a_config_error():
 def test_an_empty_validation_split_is_left_out():
     data = data_for("dataset.source=[uci]", "dataset.val_fraction=0.003")  # rounds to 0 images per class
     assert "source_val" not in data.eval_splits and data.selection_split is None
+
+
+def test_rank_shards_are_disjoint_and_concatenate_to_the_single_process_batch():
+    single = list(itertools.islice(iter(InfiniteBatchSampler(50, 8, seed=2)), 5))
+    shards = [list(itertools.islice(iter(InfiniteBatchSampler(50, 4, seed=2, rank=r, world=2)), 5)) for r in (0, 1)]
+    assert [a + b for a, b in zip(*shards)] == single
+    resumed = list(itertools.islice(iter(InfiniteBatchSampler(50, 4, seed=2, start_batch=3, rank=1, world=2)), 2))
+    assert resumed == shards[1][3:]
+
+
+def test_domain_balanced_batches_per_rank():
+    domains = np.repeat([0, 1, 2], [32, 8, 48])  # whole passes: no index repeats across a pass boundary
+    shards = [list(itertools.islice(iter(DomainBalancedBatchSampler(domains, 6, seed=1, rank=r, world=2)), 20))
+              for r in (0, 1)]
+    for batches in shards:
+        for batch in batches:
+            assert domains[batch].tolist() == [0, 0, 1, 1, 2, 2]  # domain-major, 2 of each
+    for a, b in zip(*shards):
+        assert not set(a) & set(b)
+    seen_small = {i for batches in shards for batch in batches for i in batch if domains[i] == 1}
+    assert seen_small == set(range(32, 40))  # the small domain is cycled through
+    resumed = list(itertools.islice(iter(DomainBalancedBatchSampler(domains, 6, seed=1, start_batch=7, rank=1,
+                                                                    world=2)), 3))
+    assert resumed == shards[1][7:10]
+    with pytest.raises(ConfigError, match="multiple of the number of domains"):
+        DomainBalancedBatchSampler(domains, 4, seed=0)

@@ -114,3 +114,13 @@ def test_torchrun_launch_shares_one_run_dir_and_resumes_exactly(tmp_path):
         assert torch.equal(wa[key], wb[key]), key
     assert [{k: v for k, v in r.items() if k != "time"} for r in records(run_a)] == \
         [{k: v for k, v in r.items() if k != "time"} for r in records(run_b)]
+
+
+@pytest.mark.slow
+def test_a_user_error_in_a_worker_is_raised_once_with_its_message(tmp_path):
+    from tllab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"dataset.num_classes=5 but the labels go up to 9"):
+        run(compose_config(["trainer=ddp", "trainer.devices=2", "dataset.num_classes=5", "trainer.quiet=true"]),
+            tmp_path / "bad")
+    assert not (tmp_path / "bad" / "checkpoints").exists()

@@ -254,6 +254,7 @@ def test_a_plugin_can_replace_the_forward_pass_but_only_one(tmp_path):
     (["norm=[recorder]", "norm.recorder.weight=abc"], r"norm.recorder.weight='abc' has the wrong type: expected float"),
     (["norm=[recorder]", "dataset.setting=dg"], r"\['norm.recorder'\] need unlabelled target data"),
     (["dataset.num_classes=5"], r"dataset.num_classes=5 but the labels go up to 9"),
+    (["experiment=digits_dg", "dataset.sampler=domain_balanced"], r"multiple of the number of training domains \(3\)"),
 ])
 def test_config_errors_fail_before_training(overrides, match, tmp_path, monkeypatch):
     from tllab.errors import ConfigError

@@ -33,6 +33,11 @@ class Setting(str, Enum):
     finetune = "finetune"  # labelled subset of the target train split
 
 
+class SamplerName(str, Enum):
+    random = "random"  # shuffled batches from the union of the training domains
+    domain_balanced = "domain_balanced"  # every (per-rank) batch: the same number from each domain
+
+
 class OptimName(str, Enum):
     sgd = "sgd"
     adam = "adam"
@@ -87,6 +92,7 @@ class DatasetConfig:
     val_fraction: float = 0.1  # held out of each source train split for model selection
     labels_per_class: int | None = None  # finetune: labelled target images per class
     sample_rate: float | None = None  # finetune: percent of the target train split (tllib)
+    sampler: SamplerName = SamplerName.random  # labelled training batches
     image_size: int = 32
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
@@ -196,3 +202,7 @@ def validate_config(cfg: TrainConfig) -> None:
     for key, value, ok, rule in checks:
         if not ok:
             raise ConfigError(f"{key}={value} is invalid: it must be {rule}.")
+    domains = 1 if d.setting == "finetune" else len(d.source)
+    if d.sampler == "domain_balanced" and t.batch_size % domains:
+        raise ConfigError(f"dataset.sampler=domain_balanced needs trainer.batch_size ({t.batch_size}) to be a "
+                          f"multiple of the number of training domains ({domains}).")

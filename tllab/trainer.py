@@ -143,7 +143,8 @@ class Trainer:
             self.device.type, enabled=tc.amp and amp_dtype == torch.float16 and self.device.type == "cuda")
 
         shard = {"num_workers": tc.num_workers, "rank": self.rank, "world": self.world}
-        self.source_loader = ForeverLoader(self.data.train, tc.batch_size, seed=2 * cfg.seed, **shard)
+        self.source_loader = ForeverLoader(self.data.train, tc.batch_size, seed=2 * cfg.seed,
+                                           balanced=cfg.dataset.sampler == "domain_balanced", **shard)
         uses_target = any(p.uses_target for p in self.plugins.values())
         self.target_loader = (ForeverLoader(self.data.unlabeled, tc.batch_size, seed=2 * cfg.seed + 1, **shard)
                               if uses_target else None)
@@ -255,16 +256,15 @@ class Trainer:
             for name, plugin in self.plugins.items():
                 terms.update({f"{name}/{k}": v for k, v in plugin.loss(out).items()})
             loss = sum(terms.values())
-        if all_reduce_sum(torch.isfinite(loss.detach()).logical_not().float()).item() > 0:  # any rank
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self._average_gradients(bad_loss=not torch.isfinite(loss).item()):  # any rank
             values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
             last = self.ckpt_dir / "last.pt"
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at step {self.step + 1} ({values}). The last good checkpoint "
                 f"{'is ' + str(last) if last.exists() else 'does not exist yet'}. Lower optim.lr, set "
                 "trainer.grad_clip, or reduce the weight of the diverging loss term.")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self._average_gradients()
         if self.cfg.trainer.grad_clip:
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -277,16 +277,22 @@ class Trainer:
         acc = (out.logits_s.argmax(1) == y_s).float().mean()
         return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}, acc
 
-    def _average_gradients(self) -> None:
+    def _average_gradients(self, bad_loss: bool) -> bool:
         """Data parallelism: every parameter's gradient becomes the mean over ranks, in one
-        all-reduce (a parameter without a gradient counts as zero)."""
+        all-reduce (a parameter without a gradient counts as zero) that also carries each rank's
+        non-finite-loss flag. Returns whether any rank's loss was not finite."""
         if self.world == 1:
-            return
+            return bad_loss
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])).div_(self.world)
+        flag = torch.tensor([float(bad_loss)], dtype=grads[0].dtype, device=self.device)
+        flat = all_reduce_sum(torch.cat([*(g.reshape(-1) for g in grads), flag]))
+        if flat[-1].item() > 0:
+            return True
+        flat = flat[:-1].div_(self.world)
         for p, part in zip(params, flat.split([g.numel() for g in grads])):
             p.grad = part.view_as(p)
+        return False
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+
+from tllab.errors import ConfigError
 
 
 class InfiniteBatchSampler(Sampler[list[int]]):
@@ -14,8 +17,9 @@ class InfiniteBatchSampler(Sampler[list[int]]):
     Pass ``p`` is ``randperm(n)`` drawn from a generator seeded with ``seed * 1_000_003 + p``; the
     passes are concatenated and global batch ``b`` is elements ``[b * G, (b + 1) * G)`` of that
     stream, ``G = batch_size * world``; rank ``r`` gets the ``r``-th slice of ``batch_size``. So
-    the ranks' batches are disjoint, their concatenation is the batch one process with
-    ``batch_size * world`` would draw, batch ``b`` depends only on ``(n, G, seed, b)`` (starting
+    the ranks take disjoint slices of the stream, their concatenation is the batch one process with
+    ``batch_size * world`` would draw (an index repeats within a batch only where the batch
+    spans two passes), batch ``b`` depends only on ``(n, G, seed, b)`` (starting
     at ``start_batch`` reproduces an uninterrupted run), and a set smaller than a batch works.
 
     Example:
@@ -51,19 +55,53 @@ class InfiniteBatchSampler(Sampler[list[int]]):
             yield batch[self.shard]
 
 
+class DomainBalancedBatchSampler(Sampler[list[int]]):
+    """Like :class:`InfiniteBatchSampler`, but every rank's batch holds ``batch_size / D``
+    samples of each of the ``D`` domains, domain-major (``[domain 0 ..., domain 1 ..., ...]``),
+    so cross-domain methods (MixStyle's ``crossdomain`` mixing) find the same layout on every
+    rank. Each domain is its own seeded stream sharded like :class:`InfiniteBatchSampler`, so the
+    ranks take disjoint slices and resuming at ``start_batch`` is exact.
+
+    Args:
+        domains: domain index of every sample.
+        batch_size: per-rank batch size, a multiple of the number of domains.
+
+    Example:
+        >>> s = DomainBalancedBatchSampler(np.array([0, 0, 0, 1, 1]), 4, seed=0)
+        >>> [int(np.array([0, 0, 0, 1, 1])[i]) for i in next(iter(s))]
+        [0, 0, 1, 1]
+    """
+
+    def __init__(self, domains: np.ndarray, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0,
+                 world: int = 1) -> None:
+        self.groups = [np.flatnonzero(domains == d) for d in np.unique(domains)]
+        if batch_size % len(self.groups):
+            raise ConfigError(f"a domain-balanced batch needs trainer.batch_size ({batch_size}) to be a multiple "
+                              f"of the number of domains ({len(self.groups)}).")
+        k = batch_size // len(self.groups)
+        self.streams = [InfiniteBatchSampler(len(g), k, seed * 7919 + d, start_batch, rank, world)
+                        for d, g in enumerate(self.groups)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        its = [iter(s) for s in self.streams]
+        while True:
+            yield [int(g[i]) for g, it in zip(self.groups, its) for i in next(it)]
+
+
 class ForeverLoader:
     """Infinite iterator of training batches whose position can be saved and restored.
 
     ``state_dict()`` is the number of batches handed out; ``load_state_dict`` restarts the
     sampler at that batch, so a resumed run sees exactly the batches an uninterrupted run would.
     Under data parallelism each rank gets its shard of every global batch (see
-    :class:`InfiniteBatchSampler`).
+    :class:`InfiniteBatchSampler`); ``balanced=True`` draws domain-balanced batches from the
+    dataset's ``domains`` (see :class:`DomainBalancedBatchSampler`).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, rank: int = 0,
-                 world: int = 1) -> None:
+                 world: int = 1, balanced: bool = False) -> None:
         self.dataset, self.batch_size, self.seed, self.num_workers = dataset, batch_size, seed, num_workers
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.balanced = rank, world, balanced
         self.batches = 0
         self._it: Iterator | None = None
 
@@ -72,8 +110,9 @@ class ForeverLoader:
 
     def __next__(self):
         if self._it is None:
-            sampler = InfiniteBatchSampler(len(self.dataset), self.batch_size, self.seed, self.batches,
-                                           self.rank, self.world)
+            position = (self.batch_size, self.seed, self.batches, self.rank, self.world)
+            sampler = (DomainBalancedBatchSampler(self.dataset.domains, *position) if self.balanced
+                       else InfiniteBatchSampler(len(self.dataset), *position))
             self._it = iter(DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                                        collate_fn=getattr(self.dataset, "collate_fn", None),
                                        persistent_workers=self.num_workers > 0,

@@ -23,19 +23,33 @@ def _group_size(group: dist.ProcessGroup | None) -> int:
     return dist.get_world_size(group)
 
 
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """Channels-last when ``x`` is laid out so (images from HWC arrays often are)."""
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """Normalize with global batch statistics; returns ``(y, mean, unbiased var)``."""
+    """Normalize with global batch statistics; returns ``(y, mean, unbiased var)``.
+
+    The per-element work runs in PyTorch's fused BatchNorm kernels (evaluation-mode forward and
+    backward with the global statistics in place of running ones); only per-channel vectors are
+    computed here and exchanged: one all-gather of ``(count, mean, M2)`` forward, one all-reduce
+    of ``(sum dy, sum dy * xhat)`` backward.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, group):
         c = x.shape[1]
-        flat = x.transpose(0, 1).reshape(c, -1)
-        n = flat.shape[1]
         local = torch.zeros(2 * c + 1, dtype=torch.float64, device=x.device)
+        n = x.numel() // c if c else 0
         local[0] = n
-        if n > 0:
-            var, mean = torch.var_mean(flat.float() if flat.dtype == torch.float16 else flat, dim=1, correction=0)
-            local[1:c + 1], local[c + 1:] = mean.double(), var.double() * n
+        if n > 0:  # two-pass local statistics: no cancellation, and faster than Welford here
+            xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+            dims = [0, *range(2, x.dim())]
+            mean = xf.mean(dims)
+            local[1:c + 1] = mean.double()
+            local[c + 1:] = (xf - mean.view((1, c) + (1,) * (x.dim() - 2))).square_().sum(dims).double()
         stats = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
         dist.all_gather(stats, local, group=group)
         stats = torch.stack(stats)
@@ -45,31 +59,43 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             raise ValueError(f"Expected more than 1 value per channel when training, got {int(total)} over all ranks")
         mean = (counts * means).sum(0) / total
         m2 = (m2s + counts * (means - mean) ** 2).sum(0)  # Chan et al.: exact, no cancellation
-        invstd = torch.rsqrt(m2 / total + eps)
-        shape = (1, c) + (1,) * (x.dim() - 2)
-        xhat = (x - mean.to(x.dtype).view(shape)) * invstd.to(x.dtype).view(shape)
-        y = xhat
-        if weight is not None:
-            y = y * weight.view(shape) + bias.view(shape)
-        ctx.save_for_backward(xhat, weight, invstd.to(x.dtype))
-        ctx.total, ctx.group = total.item(), group
+        g_mean, g_var = mean.to(x.dtype), (m2 / total).to(x.dtype)
+        # (the fused CPU kernels divide by the batch size: a rank without samples skips them)
+        y = x.clone() if n == 0 else torch.batch_norm(x, weight, bias, g_mean, g_var, False, 0.0, eps,
+                                                      torch.backends.cudnn.enabled)
+        ctx.save_for_backward(x, weight, g_mean, g_var)
+        ctx.total, ctx.eps, ctx.group = total.item(), eps, group
         unbiased = m2 / (total - 1)
         ctx.mark_non_differentiable(mean, unbiased)
         return y, mean, unbiased
 
     @staticmethod
     def backward(ctx, dy: Tensor, _dmean, _dvar):
-        xhat, weight, invstd = ctx.saved_tensors
-        c = dy.shape[1]
-        dims = [0] + list(range(2, dy.dim()))
-        sum_dy = dy.sum(dims) if dy.numel() else dy.new_zeros(c)
-        sum_dy_xhat = (dy * xhat).sum(dims) if dy.numel() else dy.new_zeros(c)
+        x, weight, mean, var = ctx.saved_tensors
+        c = x.shape[1]
+        w = weight if weight is not None else torch.ones(c, dtype=x.dtype, device=x.device)
+        invstd = torch.rsqrt(var + ctx.eps)
+        n = x.numel() // c if c else 0
+        # PyTorch's fused training-mode backward with the global mean/invstd: it returns
+        # sum(dy * xhat), sum(dy) and dx for the *local* batch,
+        # dx_l = w * invstd * (dy - sum_l(dy) / n - xhat * sum_l(dy * xhat) / n).
+        if n:
+            dx, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+                dy.contiguous(memory_format=_memory_format(x)), x, w, None, None, mean, invstd, True, ctx.eps,
+                [True, True, True])
+        else:
+            dx, sum_dy_xhat, sum_dy = torch.zeros_like(x), x.new_zeros(c), x.new_zeros(c)
         both = torch.cat([sum_dy, sum_dy_xhat])
         dist.all_reduce(both, op=dist.ReduceOp.SUM, group=ctx.group)
         g_dy, g_dy_xhat = both[:c], both[c:]
-        shape = (1, c) + (1,) * (dy.dim() - 2)
-        scale = invstd if weight is None else invstd * weight
-        dx = scale.view(shape) / ctx.total * (ctx.total * dy - g_dy.view(shape) - xhat * g_dy_xhat.view(shape))
+        # The global dx uses the global sums and count N instead: add the per-channel difference
+        # w * invstd * (u + xhat * v) = a + b * x, u = sum_l(dy)/n - G(dy)/N, v likewise for dy * xhat.
+        u = (sum_dy / n if n else 0) - g_dy / ctx.total
+        v = (sum_dy_xhat / n if n else 0) - g_dy_xhat / ctx.total
+        b = w * invstd * invstd * v
+        a = w * invstd * u - b * mean
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        dx.add_(a.view(shape)).addcmul_(x, b.view(shape))
         if weight is None:
             return dx, None, None, None, None
         # Parameter gradients stay local: data-parallel gradient averaging sums them over ranks.
