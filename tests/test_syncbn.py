@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,8 +57,10 @@ def sync_worker(rank: int, world: int, out_dir: str, momentum: float | None) -> 
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
-@pytest.mark.parametrize("momentum", [0.1, None])
-def test_syncbn_matches_batchnorm_on_concatenated_batch(tmp_path, momentum):
+@pytest.mark.parametrize(("momentum", "host_exchange"), [(0.1, "1"), (None, "1"), (0.1, "0")])
+def test_syncbn_matches_batchnorm_on_concatenated_batch(tmp_path, momentum, host_exchange, monkeypatch):
+    # host_exchange "1": statistics through shared memory (same machine); "0": through gloo.
+    monkeypatch.setenv("TLLAB_HOST_EXCHANGE", host_exchange)
     run_gloo(sync_worker, 2, tmp_path, str(tmp_path), momentum)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for split in SPLITS:
@@ -146,3 +149,20 @@ def test_converter_keeps_parameters_buffers_and_subclass_extras():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert type(convert_sync_batchnorm(nn.BatchNorm3d(2))) is SyncBatchNorm
+
+
+def exchange_worker(rank: int, world: int, out_dir: str) -> None:
+    from tllab.nn.host_exchange import host_exchange
+
+    ex = host_exchange(None)
+    got = [ex.all_gather(torch.full((5,), float(10 * step + rank), dtype=torch.float64)) for step in range(50)]
+    torch.save(got, f"{out_dir}/ex{rank}.pt")
+
+
+def test_host_exchange_gathers_in_rank_order_across_many_calls(tmp_path):
+    run_gloo(exchange_worker, 2, tmp_path, str(tmp_path))
+    for r in range(2):
+        got = torch.load(tmp_path / f"ex{r}.pt")
+        for step, g in enumerate(got):
+            assert g.tolist() == [[10.0 * step] * 5, [10.0 * step + 1] * 5]
+    assert not list(Path("/dev/shm").glob("tllab-exchange-*"))  # unlinked once mapped

@@ -16,11 +16,24 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from tllab.nn.host_exchange import host_exchange
+
 
 def _group_size(group: dist.ProcessGroup | None) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
+
+
+def _all_gather(vec: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """Every rank's float64 ``vec`` stacked in rank order: through shared memory between CPU
+    processes of one machine, else through the process group."""
+    exchange = host_exchange(group) if vec.device.type == "cpu" else None
+    if exchange is not None:
+        return exchange.all_gather(vec)
+    parts = [torch.empty_like(vec) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, vec, group=group)
+    return torch.stack(parts)
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -50,9 +63,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             mean = xf.mean(dims)
             local[1:c + 1] = mean.double()
             local[c + 1:] = (xf - mean.view((1, c) + (1,) * (x.dim() - 2))).square_().sum(dims).double()
-        stats = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(stats, local, group=group)
-        stats = torch.stack(stats)
+        stats = _all_gather(local, group)
         counts, means, m2s = stats[:, :1], stats[:, 1:c + 1], stats[:, c + 1:]
         total = counts.sum()
         if total <= 1:
@@ -85,8 +96,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 [True, True, True])
         else:
             dx, sum_dy_xhat, sum_dy = torch.zeros_like(x), x.new_zeros(c), x.new_zeros(c)
-        both = torch.cat([sum_dy, sum_dy_xhat])
-        dist.all_reduce(both, op=dist.ReduceOp.SUM, group=ctx.group)
+        both = _all_gather(torch.cat([sum_dy, sum_dy_xhat]).double(), ctx.group).sum(0).to(x.dtype)
         g_dy, g_dy_xhat = both[:c], both[c:]
         # The global dx uses the global sums and count N instead: add the per-channel difference
         # w * invstd * (u + xhat * v) = a + b * x, u = sum_l(dy)/n - G(dy)/N, v likewise for dy * xhat.
