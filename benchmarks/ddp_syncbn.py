@@ -24,12 +24,11 @@ STEPS = 100
 BATCHES = (32, 64)
 NOTES = [
     '',
-    'Where the extra time goes (measured with torch.profiler and small probes on this 2-core machine):',
-    'each of the 6 extra synchronization points per step costs 3-5 ms when both processes are computing',
-    "(gloo hands every collective to its own threads, which must preempt the other process's compute",
-    'thread on a fully busy 2-core box; a lone all-reduce takes 0.5-0.7 ms), and the SyncBN kernels',
-    'themselves cost about 14% over plain BatchNorm for the whole step in one process. The target is',
-    'not met on this machine; a shared-memory transport for same-host CPU ranks is the next step.',
+    'SyncBN adds 6 synchronization points per step (3 layers, forward and backward). Between CPU processes',
+    'of one machine they go through shared memory (tllab/nn/host_exchange.py); through gloo',
+    '(TLLAB_HOST_EXCHANGE=0) each costs 3-5 ms on this fully busy 2-core machine and the ratio was',
+    '1.46-1.51x. What remains is waiting for the slower process at each point and the SyncBN kernels',
+    '(about 14% of a step in one process).',
 ]
 
 
