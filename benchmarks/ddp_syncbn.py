@@ -55,7 +55,7 @@ def main() -> None:
         "",
         f"2 processes, digits CNN (3 BatchNorm layers), {STEPS} steps per run, median of {repeats} runs each; "
         f"{os.cpu_count()} CPU cores, torch {torch.__version__}. Both columns average gradients over the",
-        "processes; SyncBN adds one all-gather per BatchNorm layer forward and one all-reduce backward.",
+        "processes; SyncBN adds one exchange of per-channel statistics per BatchNorm layer, forward and backward.",
         "",
         "| batch per process | plain BN (ms/step) | SyncBN (ms/step) | ratio |",
         "|---|---|---|---|",

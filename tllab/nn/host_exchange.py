@@ -52,7 +52,7 @@ class HostExchange:
         slot[self.rank, :n] = vec
         self.seq[self.rank] = self.calls  # published after the data (x86/ARM stores: program order per thread)
         while bool((self.seq < self.calls).any()):
-            pass
+            os.sched_yield()  # spin, but let other runnable work (more ranks than cores) go first
         return slot[:, :n].clone()
 
 
