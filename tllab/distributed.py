@@ -55,6 +55,7 @@ def is_main() -> bool:
 
 
 def default_backend(device: torch.device) -> str:
+    """The process-group backend for a device: NCCL for CUDA, gloo otherwise."""
     return "nccl" if device.type == "cuda" else "gloo"
 
 

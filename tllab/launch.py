@@ -29,7 +29,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from tllab import errors
-from tllab.distributed import dist_is_initialized, env_world, is_main
+from tllab.distributed import default_backend, dist_is_initialized, env_world, is_main
 from tllab.errors import ConfigError, TllabError
 from tllab.loggers import WandbRun
 from tllab.schema import TrainConfig
@@ -121,7 +121,8 @@ def _ddp_worker(rank: int, world: int, init_method: str, resolved: dict[str, Any
     if cuda:
         torch.cuda.set_device(rank)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank, world_size=world)
+    dist.init_process_group(default_backend(torch.device("cuda" if cuda else "cpu")), init_method=init_method,
+                            rank=rank, world_size=world)
     _configure_worker_logging(Path(run_dir) if rank == 0 else None)
     try:
         train_process(cfg, resolved, Path(run_dir))

@@ -46,9 +46,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     """Normalize with global batch statistics; returns ``(y, mean, unbiased var)``.
 
     The per-element work runs in PyTorch's fused BatchNorm kernels (evaluation-mode forward and
-    backward with the global statistics in place of running ones); only per-channel vectors are
-    computed here and exchanged: one all-gather of ``(count, mean, M2)`` forward, one all-reduce
-    of ``(sum dy, sum dy * xhat)`` backward.
+    training-mode backward with the global statistics, plus a per-channel correction); only
+    per-channel vectors are exchanged between ranks (:func:`_all_gather`): ``(count, mean, M2)``
+    forward, ``(sum dy, sum dy * xhat)`` backward.
     """
 
     @staticmethod
