@@ -161,6 +161,7 @@ class LoggerConfig:
 @dataclass
 class TrainConfig:
     experiment: str = "default"
+    label: str | None = None  # row label in reports and dashboards (default: tllab.keys.method_name)
     seed: int = 0
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     norm: dict[str, Any] = field(default_factory=dict)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +65,19 @@ def print_summary(summary: dict[str, Any]) -> None:
 def hydra_main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(broadcast_object(str(hc.runtime.output_dir)))  # under torchrun: rank 0's
+    if is_main():
+        (run_dir / "error.txt").unlink(missing_ok=True)  # from an earlier failed attempt
     try:
         summary = run(cfg, run_dir)
-    except TllabError as e:
+    except Exception as e:
         if not is_main():
             sys.exit(1)
-        (run_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n")
-        if hc.mode == RunMode.MULTIRUN:
-            raise
+        user_error = isinstance(e, TllabError)
+        detail = "" if user_error else "".join(traceback.format_exception(e))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n{detail}")
+        if hc.mode == RunMode.MULTIRUN or not user_error:
+            raise  # a sweep reports it and goes on with the other jobs
         print(f"tllab: error: {e}", file=sys.stderr)
         sys.exit(1)
     if not is_main():

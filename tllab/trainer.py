@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,13 @@ from tllab.distributed import (
     world_size,
 )
 from tllab.errors import CheckpointError, ConfigError, NonFiniteLossError
+from tllab.keys import group_keys
 from tllab.loggers import ResultsFile, WandbRun, write_json_atomic
 from tllab.models import Classifier, create_backbone
 from tllab.nn import convert_sync_batchnorm
 from tllab.optim import build_optimizer, build_scheduler, lr_factor
 from tllab.plugin import Plugin, SetupContext, StepOutput, build_plugins, overrides_forward
-from tllab.schema import AmpDtype, Precision, Setting, TrainConfig, validate_config
+from tllab.schema import AmpDtype, Precision, TrainConfig, validate_config
 
 log = logging.getLogger("tllab")
 
@@ -66,19 +68,15 @@ def _upcast(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def group_keys(cfg: TrainConfig) -> dict[str, Any]:
-    """The config keys that group runs in tables and dashboards (copied into every record)."""
-    return {
-        "experiment": cfg.experiment,
-        "backbone": cfg.backbone.name,
-        "norm": "+".join(cfg.norm) or "none",
-        "regularizer": "+".join(cfg.regularizer) or "none",
-        "dataset": cfg.dataset.name,
-        "setting": Setting(cfg.dataset.setting).value,
-        "source": "+".join(cfg.dataset.source),
-        "target": "+".join(cfg.dataset.target),
-        "seed": cfg.seed,
-    }
+def build_model(cfg: TrainConfig, plugins: Iterable[Plugin]) -> nn.Module:
+    """The run's model: backbone -> optional bottleneck -> head, then each plug-in's
+    ``transform_model`` in order (also used to rebuild a checkpoint's model for analysis)."""
+    model: nn.Module = Classifier(
+        create_backbone(cfg.backbone.library, cfg.backbone.name, cfg.backbone.pretrained, **cfg.backbone.kwargs),
+        cfg.dataset.num_classes, cfg.backbone.bottleneck_dim)
+    for plugin in plugins:
+        model = plugin.transform_model(model)
+    return model
 
 
 class Trainer:
@@ -107,11 +105,7 @@ class Trainer:
             log.warning("fine-tuning from random init (backbone.pretrained=null): the train-from-scratch baseline")
         self.device = resolve_device(tc.device, local_rank())
         self.keys = group_keys(cfg)
-        model = Classifier(create_backbone(cfg.backbone.library, cfg.backbone.name, cfg.backbone.pretrained,
-                                           **cfg.backbone.kwargs),
-                           cfg.dataset.num_classes, cfg.backbone.bottleneck_dim)
-        for plugin in self.plugins.values():
-            model = plugin.transform_model(model)
+        model = build_model(cfg, self.plugins.values())
         if tc.sync_bn:
             model = convert_sync_batchnorm(model)
         self.dtype = getattr(torch, Precision(tc.precision).value)

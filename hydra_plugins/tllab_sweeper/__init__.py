@@ -1,0 +1,1 @@
+"""tllab's Hydra sweeper (see tllab_sweeper.py)."""

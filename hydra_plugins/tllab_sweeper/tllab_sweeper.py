@@ -1,0 +1,75 @@
+"""Hydra sweeper ``hydra/sweeper=tllab`` (tllab's default): Hydra's grid, DomainBed's contract.
+
+It expands the grid like Hydra's basic sweeper, then hands the jobs to :mod:`tllab.sweep`:
+hashed job dirs, finished jobs skipped, every failure reported at the end. Hydra only finds
+sweepers inside the ``hydra_plugins`` package, hence this thin module; the logic lives in
+:mod:`tllab.sweep`.
+"""
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional  # noqa: UP035 - OmegaConf reads these annotations at runtime
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobStatus
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+from tllab.sweep import format_jobs, plan
+
+log = logging.getLogger("tllab")
+
+
+@dataclass
+class TllabSweeperConf:  # no `from __future__ import annotations`: Hydra loads this module unregistered
+    _target_: str = "hydra_plugins.tllab_sweeper.tllab_sweeper.TllabSweeper"
+    # The grid of an experiment preset, like the basic sweeper's: {key: "v1,v2"}.
+    params: Optional[Dict[str, str]] = None  # noqa: UP006, UP007, UP045
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="tllab", node=TllabSweeperConf, provider="tllab")
+
+
+class TllabSweeper(Sweeper):
+    """Runs the grid's unfinished jobs in ``<hydra.sweep.dir>/<job id>`` and reports failures."""
+
+    def __init__(self, params: dict[str, str] | None = None) -> None:
+        self.params = dict(params or {})
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.hydra_context, self.config = hydra_context, config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: list[str]) -> Any:
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        overrides = parser.parse_overrides([*(f"{k}={v}" for k, v in self.params.items()), *arguments])
+        grid = BasicSweeper.split_arguments(overrides, None)[0]
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        jobs = plan(sweep_dir, grid)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        todo = [job for job in jobs if job.state != "done"]
+        log.info("sweep %s: %d jobs, %d already done, %d to run", sweep_dir, len(jobs), len(jobs) - len(todo),
+                 len(todo))
+        # W&B groups a sweep's runs together unless the config names a group.
+        group = [] if self.config.logger.group else [f"logger.group={sweep_dir.name}"]
+        batch = [[*job.overrides, *group, f"hydra.sweep.subdir={job.id}"] for job in todo]
+        if not batch:
+            return []
+        self.validate_batch_is_legal(batch)  # a bad grid fails here, before any job runs
+        returns = self.launcher.launch(batch, initial_job_idx=0)
+        for job, ret in zip(todo, returns):
+            if ret.status == JobStatus.FAILED and not job.error():  # died before writing error.txt
+                job.dir.mkdir(parents=True, exist_ok=True)
+                (job.dir / "error.txt").write_text(f"{type(ret._return_value).__name__}: {ret._return_value}\n")
+        print(f"sweep {sweep_dir}: " + format_jobs(jobs, ("failed", "incomplete")), flush=True)
+        if any(job.state != "done" for job in jobs):
+            sys.exit(1)
+        return returns

@@ -1,0 +1,191 @@
+"""Idempotent sweeps: ``tllab-sweep launch|status|delete-incomplete``.
+
+A sweep is a Hydra multirun (``tllab-train -m ...``) run by tllab's sweeper
+(``hydra_plugins/tllab_sweeper``, the default ``hydra/sweeper``), following DomainBed's contract:
+
+- the grid is the Cartesian product of comma lists on the command line and of
+  ``hydra.sweeper.params`` in an experiment preset;
+- each job's identity is a hash of its canonical overrides (:func:`job_id`; keys that do not
+  change results, like ``trainer.quiet`` or ``logger.*``, are left out), and the job runs in
+  ``<sweep dir>/<id>``;
+- a job whose dir holds a ``done`` marker is skipped when the sweep is launched again; a started
+  one resumes from its checkpoint; a failed one is run again;
+- a failing job never stops the others: at the end the sweep lists every failure with its error
+  (from the job's ``error.txt``) and exits with status 1;
+- ``<sweep dir>/sweep.json`` lists every job ever planned in the sweep, so ``status`` also
+  shows jobs that never started.
+
+Jobs run through any Hydra launcher: ``basic`` (one after another, in this process), ``joblib``
+(parallel on this machine) or ``slurm`` (submitit).
+
+Usage::
+
+    tllab-sweep launch outputs/sweeps/da experiment=digits_source_only seed=0,1,2 dataset.target=[mnistm],[uci]
+    tllab-sweep launch outputs/sweeps/da --launcher joblib --jobs 2 ...   # same jobs, 2 at a time
+    tllab-sweep status outputs/sweeps/da
+    tllab-sweep delete-incomplete outputs/sweeps/da --yes
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tllab.launch import RESUMABLE_KEYS
+from tllab.loggers import write_json_atomic
+
+MANIFEST = "sweep.json"
+STATES = ("done", "failed", "incomplete", "pending")
+
+
+def canonical_overrides(overrides: Sequence[str]) -> list[str]:
+    """The overrides that define a job's results, normalised by Hydra's parser (``lr=1e-3`` and
+    ``lr=0.001`` agree) and sorted; ``hydra.*`` and keys that do not change
+    results (:data:`tllab.launch.RESUMABLE_KEYS`) are dropped."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    canonical = []
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        key = o.get_key_element()
+        name = key.lstrip("+~")
+        if name.startswith(("hydra.", "hydra/")) or name.startswith(RESUMABLE_KEYS):
+            continue
+        canonical.append(f"{key}={o.get_value_element_as_str()}")
+    return sorted(canonical)
+
+
+def job_id(overrides: Sequence[str]) -> str:
+    """A job's identity: the first 12 hex digits of the SHA-1 of its canonical overrides."""
+    return hashlib.sha1(json.dumps(canonical_overrides(overrides)).encode()).hexdigest()[:12]
+
+
+@dataclass
+class Job:
+    """One job of a sweep: its overrides and its run dir ``<sweep dir>/<id>``."""
+
+    id: str
+    overrides: list[str]
+    dir: Path
+
+    @property
+    def state(self) -> str:
+        """``done`` (``done`` marker), ``failed`` (``error.txt``), ``incomplete`` (started, or
+        running now) or ``pending`` (never started)."""
+        if (self.dir / "done").exists():
+            return "done"
+        if (self.dir / "error.txt").exists():
+            return "failed"
+        return "incomplete" if self.dir.exists() else "pending"
+
+    def error(self) -> str:
+        """The first line of the job's ``error.txt`` (empty if there is none)."""
+        path = self.dir / "error.txt"
+        return path.read_text().splitlines()[0] if path.exists() and path.stat().st_size else ""
+
+
+def plan(sweep_dir: Path, grid: Sequence[Sequence[str]]) -> list[Job]:
+    """The jobs of ``grid`` (one override list each; duplicates merged), added to the sweep's
+    manifest, which keeps the jobs of earlier launches."""
+    jobs = {job.id: job for job in load_jobs(sweep_dir)}
+    planned = []
+    for overrides in grid:
+        jid = job_id(overrides)
+        job = jobs.setdefault(jid, Job(jid, list(overrides), sweep_dir / jid))
+        if job not in planned:
+            planned.append(job)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    manifest = {"jobs": [{"id": j.id, "overrides": j.overrides} for j in jobs.values()]}
+    write_json_atomic(sweep_dir / MANIFEST, manifest)
+    return planned
+
+
+def load_jobs(sweep_dir: Path) -> list[Job]:
+    """Every job of the sweep's manifest (empty when there is none)."""
+    path = sweep_dir / MANIFEST
+    if not path.exists():
+        return []
+    try:
+        entries = json.loads(path.read_text())["jobs"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SystemExit(f"tllab: error: {path} is not a sweep manifest ({e}); delete it and launch the sweep again "
+                         "(finished jobs are still found and skipped).") from e
+    return [Job(e["id"], e["overrides"], sweep_dir / e["id"]) for e in entries]
+
+
+def format_jobs(jobs: Sequence[Job], states: Sequence[str] = ("failed", "incomplete", "pending")) -> str:
+    """One count line, then one line per job in ``states``: state, id, overrides, error."""
+    counts = Counter(job.state for job in jobs)
+    lines = [f"{len(jobs)} jobs: " + ", ".join(f"{counts[s]} {s}" for s in STATES if counts[s])]
+    for job in jobs:
+        if job.state in states:
+            error = f"  {job.error()}" if job.state == "failed" else ""
+            lines.append(f"  {job.state:<10} {job.id}  {' '.join(job.overrides)}{error}")
+    return "\n".join(lines)
+
+
+def _launch(args: argparse.Namespace) -> None:
+    from tllab.train import hydra_main
+
+    argv = ["-m", f"hydra.sweep.dir={args.dir}"]
+    launcher = args.launcher or ("joblib" if args.jobs else None)
+    if launcher:
+        argv.append(f"hydra/launcher={launcher}")
+    if args.jobs:
+        argv.append(f"hydra.launcher.n_jobs={args.jobs}")
+    sys.argv = ["tllab-train", *argv, *args.overrides]
+    hydra_main()
+
+
+def _status(args: argparse.Namespace) -> None:
+    jobs = load_jobs(args.dir)
+    if not jobs:
+        raise SystemExit(f"tllab: error: {args.dir} holds no sweep ({MANIFEST} is missing); "
+                         "start one with tllab-sweep launch DIR OVERRIDES...")
+    print(format_jobs(jobs, STATES if args.all else ("failed", "incomplete", "pending")))
+
+
+def _delete_incomplete(args: argparse.Namespace) -> None:
+    doomed = [job for job in load_jobs(args.dir) if job.state in ("failed", "incomplete")]
+    if not doomed:
+        print("no failed or incomplete jobs")
+        return
+    print(format_jobs(doomed))
+    if not args.yes and (not sys.stdin.isatty() or input("delete these job dirs? [y/N] ").lower() != "y"):
+        raise SystemExit("nothing deleted (pass --yes to delete without asking)")
+    for job in doomed:
+        shutil.rmtree(job.dir)
+    print(f"deleted {len(doomed)} job dirs; launch the sweep again to rerun them")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point ``tllab-sweep``."""
+    parser = argparse.ArgumentParser(prog="tllab-sweep", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    launch = sub.add_parser("launch", help="run every job of the grid that is not done yet")
+    launch.add_argument("dir", type=Path, help="sweep dir (fixed, so that a relaunch finds its jobs)")
+    launch.add_argument("--launcher", choices=["basic", "joblib", "slurm"], help="Hydra launcher (default: basic)")
+    launch.add_argument("--jobs", type=int, help="jobs at a time (implies --launcher joblib)")
+    launch.add_argument("overrides", nargs="*", help="tllab-train overrides; comma lists make the grid")
+    status = sub.add_parser("status", help="count jobs by state and list the unfinished ones")
+    status.add_argument("dir", type=Path)
+    status.add_argument("--all", action="store_true", help="list finished jobs too")
+    delete = sub.add_parser("delete-incomplete", help="delete the dirs of failed and incomplete jobs")
+    delete.add_argument("dir", type=Path)
+    delete.add_argument("--yes", action="store_true", help="do not ask")
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "launch":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "launch":
+        args.overrides += rest  # overrides may follow options: launch DIR --jobs 2 seed=0,1
+    {"launch": _launch, "status": _status, "delete-incomplete": _delete_incomplete}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
