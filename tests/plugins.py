@@ -94,3 +94,19 @@ class SplitForward(Plugin):
         logits_s, f_s = model(x_s)
         logits_t, f_t = model(x_t)
         return logits_s, f_s, logits_t, f_t
+
+
+class FailOnSeed(Plugin):
+    """Raises a RuntimeError in setup when the run's seed is ``seed`` (a forced sweep failure);
+    otherwise adds ``weight * mean(logits_s^2)`` so it trains differently from no method."""
+
+    def __init__(self, seed: int = 1, weight: float = 0.01) -> None:
+        super().__init__()
+        self.seed, self.weight = seed, weight
+
+    def setup(self, ctx: SetupContext) -> None:
+        if ctx.config["seed"] == self.seed:
+            raise RuntimeError(f"forced failure for seed {self.seed}")
+
+    def loss(self, out: StepOutput) -> dict[str, Tensor]:
+        return {"logit": self.weight * out.logits_s.pow(2).mean()}

@@ -43,9 +43,10 @@ RESUMABLE_KEYS = ("trainer.quiet", "trainer.resume", "trainer.num_workers", "tra
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict with dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``)."""
     if isinstance(node, dict):
-        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+        return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
     return {prefix.rstrip("."): node}
 
 
@@ -58,7 +59,7 @@ def claim_run_dir(run_dir: Path, resolved: dict[str, Any]) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         saved_file.write_text(OmegaConf.to_yaml(resolved))
         return
-    saved, new = _flatten(yaml.safe_load(saved_file.read_text())), _flatten(resolved)
+    saved, new = flatten(yaml.safe_load(saved_file.read_text())), flatten(resolved)
     diff = [f"{k}: {saved.get(k, '<unset>')} -> {new.get(k, '<unset>')}" for k in sorted(saved.keys() | new.keys())
             if saved.get(k) != new.get(k) and not k.startswith(RESUMABLE_KEYS)]
     if diff:

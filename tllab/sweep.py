@@ -120,13 +120,16 @@ def load_jobs(sweep_dir: Path) -> list[Job]:
 
 
 def format_jobs(jobs: Sequence[Job], states: Sequence[str] = ("failed", "incomplete", "pending")) -> str:
-    """One count line, then one line per job in ``states``: state, id, overrides, error."""
+    """One count line, then one line per job in ``states``: state, id, the overrides that tell it
+    apart from the other jobs, and the first line of its error."""
     counts = Counter(job.state for job in jobs)
     lines = [f"{len(jobs)} jobs: " + ", ".join(f"{counts[s]} {s}" for s in STATES if counts[s])]
+    shared = set.intersection(*(set(job.overrides) for job in jobs)) if len(jobs) > 1 else set()
     for job in jobs:
         if job.state in states:
             error = f"  {job.error()}" if job.state == "failed" else ""
-            lines.append(f"  {job.state:<10} {job.id}  {' '.join(job.overrides)}{error}")
+            own = " ".join(o for o in job.overrides if o not in shared)
+            lines.append(f"  {job.state:<10} {job.id}  {own}{error}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,101 @@
+"""Sweeps: job identity, manifest and states, and an end-to-end sweep with a failing job,
+relaunched and reported."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from hydra.core.global_hydra import GlobalHydra
+from PIL import Image
+
+from tllab import report, sweep
+from tllab.sweep import Job, job_id, load_jobs, plan
+
+from .conftest import TESTS
+
+GOLDEN = TESTS / "golden" / "sweep_report.md"
+
+
+def test_job_id_ignores_order_spelling_and_result_neutral_keys():
+    base = job_id(["seed=0", "optim.lr=0.001", "norm=none"])
+    assert job_id(["norm=none", "optim.lr=1e-3", "seed=0"]) == base
+    assert job_id(["seed=0", "optim.lr=0.001", "norm=none", "trainer.quiet=true", "logger.group=x",
+                   "hydra.sweep.subdir=abc", "trainer.eval_batch_size=64"]) == base
+    assert job_id(["seed=1", "optim.lr=0.001", "norm=none"]) != base
+    assert job_id(["seed=0", "optim.lr=0.01", "norm=none"]) != base
+    assert re.fullmatch(r"[0-9a-f]{12}", base)
+
+
+def test_plan_merges_jobs_into_the_manifest(tmp_path: Path):
+    first = plan(tmp_path, [["seed=0"], ["seed=1"], ["seed=0"]])  # a duplicate is one job
+    assert [j.overrides for j in first] == [["seed=0"], ["seed=1"]]
+    second = plan(tmp_path, [["seed=1"], ["seed=2"]])
+    assert [j.id for j in second] == [job_id(["seed=1"]), job_id(["seed=2"])]
+    assert [j.overrides for j in load_jobs(tmp_path)] == [["seed=0"], ["seed=1"], ["seed=2"]]
+    assert json.loads((tmp_path / "sweep.json").read_text())["jobs"][2]["id"] == job_id(["seed=2"])
+
+
+def test_job_states_follow_the_run_dir(tmp_path: Path):
+    job = Job("abc", ["seed=0"], tmp_path / "abc")
+    assert job.state == "pending"
+    job.dir.mkdir()
+    assert job.state == "incomplete"
+    (job.dir / "error.txt").write_text("ConfigError: bad\ntraceback...\n")
+    assert (job.state, job.error()) == ("failed", "ConfigError: bad")
+    (job.dir / "done").write_text("")
+    assert job.state == "done"
+
+
+def _launch(sweep_dir: Path, capsys: pytest.CaptureFixture[str], *grid: str) -> tuple[int, str]:
+    GlobalHydra.instance().clear()
+    overrides = [f"hydra.searchpath=[file://{TESTS / 'configs'}]", "trainer.max_steps=4", "trainer.eval_every=2",
+                 "trainer.quiet=true", "trainer.deterministic=true", "trainer.save_checkpoints=false", *grid]
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(["launch", str(sweep_dir), *overrides])
+        raise SystemExit(0)
+    return exit_info.value.code, capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_sweep_skips_finished_jobs_reports_failures_and_makes_the_report(tmp_path: Path, capsys):
+    sweep_dir = tmp_path / "sweep"
+    grid = ("regularizer=none,fail_on_seed", "seed=0,1")
+    code, out = _launch(sweep_dir, capsys, *grid)
+    assert code == 1, out
+    assert "4 jobs: 3 done, 1 failed" in out
+    [failed] = [j.id for j in load_jobs(sweep_dir) if j.state == "failed"]
+    assert {"regularizer=fail_on_seed", "seed=1"} <= set(load_jobs(sweep_dir)[3].overrides)
+    assert re.search(rf"failed +{failed} +regularizer=fail_on_seed seed=1 +RuntimeError: forced failure for seed 1",
+                     out)
+    assert "Traceback" in (sweep_dir / failed / "error.txt").read_text()  # a bug keeps its traceback
+    done = {j.id: (j.dir / "results.jsonl").stat().st_mtime_ns for j in load_jobs(sweep_dir) if j.state == "done"}
+    assert len(done) == 3
+
+    code, out = _launch(sweep_dir, capsys, *grid)  # relaunch: only the failed job runs again
+    assert code == 1 and "4 jobs: 3 done, 1 failed" in out
+    assert {j.id: (j.dir / "results.jsonl").stat().st_mtime_ns for j in load_jobs(sweep_dir)
+            if j.state == "done"} == done
+
+    sweep.main(["status", str(sweep_dir)])
+    status = capsys.readouterr().out
+    assert status.splitlines()[0] == "4 jobs: 3 done, 1 failed" and failed in status
+
+    out_dir = tmp_path / "report"
+    report.main([str(sweep_dir), "--out", str(out_dir), "--selection", "last,oracle"])
+    text = (out_dir / "report.md").read_text().replace(str(sweep_dir), "<sweep>")
+    if not GOLDEN.exists():  # first run writes the golden file, to be reviewed and committed
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text()
+    for png in ["digits_da_last_bars.png", "digits_da_oracle_bars.png", "digits_da_curves.png"]:
+        with Image.open(out_dir / png) as image:
+            assert image.format == "PNG" and image.width > 300 and image.height > 200
+
+    sweep.main(["delete-incomplete", str(sweep_dir), "--yes"])
+    capsys.readouterr()
+    assert not (sweep_dir / failed).exists()
+    sweep.main(["status", str(sweep_dir)])
+    assert capsys.readouterr().out.splitlines()[0] == "4 jobs: 3 done, 1 pending"

@@ -1,0 +1,50 @@
+"""Reference numbers (published or measured with a reference recipe), stored as data.
+
+Each YAML file in ``tllab/report/references/`` holds a list of tables::
+
+    - source: "where the numbers come from (paper, table, repository and commit)"
+      dataset: digits
+      setting: da
+      metric: target_test/acc
+      values:                      # method -> task -> percent
+        source only: {mnist→mnistm: 34.9}
+
+Method and task names are tllab's (:mod:`tllab.keys`), so a reference lands beside the cell of
+the same method and task; the report prints the reference and our delta (ours - reference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+BUILTIN = Path(__file__).parent / "references"
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One reference table: ``values[(method, task)]`` in percent, with its source."""
+
+    source: str
+    dataset: str
+    setting: str
+    metric: str
+    values: dict[tuple[str, str], float]
+
+
+def load_references(paths: list[Path] | None = None) -> list[Reference]:
+    """The reference tables of ``paths`` (YAML files), by default every built-in file."""
+    files = paths if paths is not None else sorted(BUILTIN.glob("*.yaml"))
+    refs = []
+    for path in files:
+        try:
+            for entry in yaml.safe_load(path.read_text()):
+                values = {(m, t): float(v) for m, row in entry["values"].items() for t, v in row.items()}
+                refs.append(Reference(entry["source"], entry["dataset"], entry["setting"],
+                                      entry.get("metric", "target_test/acc"), values))
+        except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError, ValueError) as e:
+            raise SystemExit(f"tllab: error: {path} is not a reference file ({type(e).__name__}: {e}); "
+                             "see tllab/report/references.py for the format.") from e
+    return refs
