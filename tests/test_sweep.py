@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
@@ -71,6 +72,8 @@ def test_sweep_skips_finished_jobs_reports_failures_and_makes_the_report(tmp_pat
     assert re.search(rf"failed +{failed} +regularizer=fail_on_seed seed=1 +RuntimeError: forced failure for seed 1",
                      out)
     assert "Traceback" in (sweep_dir / failed / "error.txt").read_text()  # a bug keeps its traceback
+    config = yaml.safe_load((load_jobs(sweep_dir)[0].dir / "config.yaml").read_text())
+    assert config["logger"]["group"] == "sweep"  # W&B groups a sweep's runs by the sweep's name
     done = {j.id: (j.dir / "results.jsonl").stat().st_mtime_ns for j in load_jobs(sweep_dir) if j.state == "done"}
     assert len(done) == 3
 

@@ -159,6 +159,13 @@ def test_wandb_offline_run_holds_resolved_config(train_run, tmp_path, monkeypatc
     (run_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
     assert wandb_config_items(run_file, list(resolved)) == resolved
     assert resolved["seed"] == 7 and resolved["logger"]["wandb"] is True
+    # Group keys join the run config (dashboards group by them) and name the group and tags.
+    assert wandb_config_items(run_file, ["method", "task", "setting"]) == {
+        "method": "source only", "task": "mnist→mnistm", "setting": "da"}
+    data = run_file.read_bytes()
+    for text in ["method:source only", "task:mnist→mnistm", "dataset:digits", "digits/mnist→mnistm",
+                 "source only | mnist→mnistm | seed 7"]:
+        assert text.encode() in data, text
 
 
 @pytest.mark.slow

@@ -45,31 +45,35 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 class WandbRun:
-    """One W&B run per job: config = resolved config, group/tags from the dataset and methods,
-    best-value summaries for accuracies; offline unless ``logger.mode`` or ``WANDB_MODE`` says
-    otherwise. A resumed run continues the same W&B run (its id is kept in ``wandb_id.txt``).
-    ``finish()`` must be called (the trainer does, also on errors)."""
+    """One W&B run per job: config = resolved config plus the group keys it lacks (``method``,
+    ``task``, ``setting``, ``source``, ``target``), so dashboards can group by any axis; group = ``logger.group`` (a
+    sweep sets it to the sweep's name) else ``<dataset>/<task>``; tags for method, dataset, task,
+    setting and backbone; best-value summaries (max accuracy, min loss). Offline unless
+    ``logger.mode`` or ``WANDB_MODE`` says otherwise. A resumed run continues the same W&B run
+    (its id is kept in ``wandb_id.txt``). ``finish()`` must be called (the trainer does, also on
+    errors)."""
 
     def __init__(self, cfg: LoggerConfig, config: dict[str, Any], keys: dict[str, Any], run_dir: Path) -> None:
         import wandb
 
-        task = f"{keys['source']}->{keys['target']}"
         id_file = run_dir / "wandb_id.txt"
         if not id_file.exists():
             id_file.write_text(uuid.uuid4().hex[:12])
         self.run = wandb.init(
             id=id_file.read_text().strip(), resume="allow",
             project=cfg.project, entity=cfg.entity, mode=os.environ.get("WANDB_MODE", WandbMode(cfg.mode).value),
-            dir=str(run_dir), name=f"{keys['experiment']}/{run_dir.name}", config=config,
-            group=cfg.group or f"{keys['dataset']}/{task}", job_type=cfg.job_type,
-            tags=[*cfg.tags, keys["backbone"], f"norm:{keys['norm']}", f"reg:{keys['regularizer']}",
-                  keys["dataset"], task, str(keys["setting"])],
+            dir=str(run_dir), name=f"{keys['method']} | {keys['task']} | seed {keys['seed']}",
+            config={**{k: v for k, v in keys.items() if k not in config}, **config},
+            group=cfg.group or f"{keys['dataset']}/{keys['task']}", job_type=cfg.job_type,
+            tags=[*cfg.tags, f"method:{keys['method']}", f"dataset:{keys['dataset']}", f"task:{keys['task']}",
+                  f"setting:{keys['setting']}", f"backbone:{keys['backbone']}"],
             reinit="finish_previous",
         )
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
         for split in ("source_val", "target_val", "source_test", "target_test"):
             self.run.define_metric(f"{split}/acc", summary="max")
+            self.run.define_metric(f"{split}/loss", summary="min")
 
     def log(self, record: dict[str, Any]) -> None:
         self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float))})

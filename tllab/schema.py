@@ -17,6 +17,7 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from tllab.errors import ConfigError
 
@@ -172,9 +173,17 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
+def leave_out(domains: list[str], held_out: list[str]) -> list[str]:
+    """``${leave_out:[mnist,uci,synth],${dataset.target}}``: the domains that are not held out
+    (leave-one-domain-out sweeps sweep only ``dataset.target``)."""
+    return [d for d in domains if d not in held_out]
+
+
 def register_configs() -> None:
-    """Store the schema in Hydra's ConfigStore (idempotent)."""
+    """Store the schema in Hydra's ConfigStore and register tllab's resolvers (idempotent)."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    OmegaConf.register_new_resolver("leave_out", lambda domains, held_out: leave_out(list(domains), list(held_out)),
+                                    replace=True)
 
 
 def validate_config(cfg: TrainConfig) -> None:

@@ -47,9 +47,10 @@ from tllab.schema import AmpDtype, Precision, TrainConfig, validate_config
 log = logging.getLogger("tllab")
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, option: str = "trainer.device=") -> torch.device:
     """``auto`` picks CUDA when available, else CPU; other names are checked against this machine.
-    Under data parallelism a plain ``cuda`` means this process's GPU, ``cuda:<local rank>``."""
+    Under data parallelism a plain ``cuda`` means this process's GPU, ``cuda:<local rank>``.
+    ``option`` is how error messages name the setting (``--device `` for a command-line flag)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and dist_is_initialized():
@@ -57,9 +58,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise ConfigError(f"trainer.device={name} is not a device name; use auto, cpu, cuda, cuda:N or mps.") from e
+        raise ConfigError(f"{option}{name} is not a device name; use auto, cpu, cuda, cuda:N or mps.") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name} but CUDA is not available; use trainer.device=cpu or auto.")
+        raise ConfigError(f"{option}{name} but CUDA is not available; use {option}cpu or auto.")
     return device
 
 

@@ -44,12 +44,12 @@ def _unfinished(runs: list[Run], pending: list[str]) -> list[str]:
 
 
 def write_report(runs: list[Run], tables: list[Table], out: Path, pending: list[str] = (),
-                 plots: bool = True, command: str = "") -> str:
+                 plots: bool = True, note: str = "") -> str:
     """Write every output file into ``out`` and return the Markdown report."""
     out.mkdir(parents=True, exist_ok=True)
     md = ["# Results", ""]
-    if command:
-        md += [f"Made by `{command}`.", ""]
+    if note:
+        md += [note, ""]
     curves_done: set[tuple[str, str]] = set()
     for table in tables:
         md += [f"## {table.title}", "", to_markdown(table), ""]
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metric", default="target_test/acc", help="the reported record key")
     parser.add_argument("--references", type=Path, nargs="*", help="reference YAML files (default: built-in)")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--note", default="", help="a line under the report's title (e.g. how to regenerate it)")
     args = parser.parse_args(argv)
     unknown = [n for n in args.selection.split(",") if n not in SELECTION_RULES]
     if unknown:
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     rules = [SELECTION_RULES[n] for n in args.selection.split(",")]
     tables = build_tables(runs, rules, args.metric, load_references(args.references))
     out = args.out or args.dirs[0] / "report"
-    write_report(runs, tables, out, pending, plots=not args.no_plots)
+    write_report(runs, tables, out, pending, plots=not args.no_plots, note=args.note)
     done = sum(r.state == "done" for r in runs)
     print(f"{len(runs)} runs ({done} done, {len(runs) - done} not), {len(pending)} never started; "
           f"{len(tables)} tables -> {out / 'report.md'}")

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Fine-tuning table, embedded digits (mnist-pretrained CNN -> mnistm, 5 and 20 labels per class;
+# 3 seeds) -> docs/results/digits_finetune/. The pretrained model is trained once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+${TLLAB_BIN:-.venv/bin}/tllab-train experiment=digits_source_only trainer.quiet=true \
+    hydra.run.dir=outputs/pretrained/digits_mnist
+exec scripts/table.sh table_digits_finetune last,target_val,oracle "$@"
