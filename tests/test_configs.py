@@ -15,6 +15,7 @@ from tllab.errors import ConfigError
 from tllab.models import Classifier, create_backbone
 from tllab.optim import build_optimizer, build_scheduler, lr_factor
 from tllab.plugin import build_plugins
+from tllab.schema import leave_out
 from tllab.train import resolve_config
 
 CONFIGS = Path(__file__).parents[1] / "tllab" / "configs"
@@ -149,3 +150,27 @@ def test_slurm_launcher_config_composes_with_one_gpu_per_process():
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.tasks_per_node, launcher.nodes) == (1, 1)
     assert launcher.gpus_per_node == 4  # follows trainer.devices
+
+
+def test_leave_one_domain_out_preset_trains_on_the_other_domains():
+    cfg, resolved = resolve_config(compose_config(["experiment=table_digits_dg", "dataset.target=[uci]"]))
+    assert cfg.dataset.source == ["mnist", "synth", "mnistm"] and resolved["dataset"]["source"] == cfg.dataset.source
+    assert leave_out(["a", "b", "c"], ["b"]) == ["a", "c"]
+
+
+@pytest.mark.parametrize("preset, grid", [
+    ("table_digits_da", {"seed": "0,1,2", "dataset.target": "[mnistm],[uci]", "norm": "none"}),
+    ("table_digits_dg", {"seed": "0,1,2", "dataset.target": "[mnist],[uci],[synth],[mnistm]", "norm": "none"}),
+    ("table_digits_finetune", {"seed": "0,1,2", "dataset.labels_per_class": "5,20", "regularizer": "none",
+                               "backbone.pretrained": "null,outputs/pretrained/digits_mnist/checkpoints/last.pt"}),
+])
+def test_table_presets_hold_their_grid_and_sweep_dir(preset, grid):
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="tllab.configs", version_base="1.3"):
+        hydra_cfg = compose("train", overrides=[f"experiment={preset}"], return_hydra_config=True).hydra
+    assert dict(hydra_cfg.sweeper.params) == grid
+    assert hydra_cfg.sweeper._target_.endswith("TllabSweeper")
+    assert hydra_cfg.sweep.dir == f"outputs/sweeps/{preset}"
