@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -34,7 +35,7 @@ def bar_chart(table: Table, path: Path) -> None:
                         rotation=90, ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(columns)), columns)
     ax.set_ylabel(f"{table.metric} (%)")
-    ax.set_title(table.title, fontsize=8)
+    ax.set_title("\n".join(textwrap.wrap(table.title, 80)), fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
