@@ -110,3 +110,9 @@ class FailOnSeed(Plugin):
 
     def loss(self, out: StepOutput) -> dict[str, Tensor]:
         return {"logit": self.weight * out.logits_s.pow(2).mean()}
+
+
+class ReplacesHead(Plugin):
+    """Claims the ``head`` role, so two of them cannot be stacked."""
+
+    exclusive = "head"

@@ -253,6 +253,16 @@ def test_a_plugin_can_replace_the_forward_pass_but_only_one(tmp_path):
         Trainer(cfg, tmp_path / "two", resolved)
 
 
+def test_two_plugins_with_the_same_exclusive_role_are_refused(tmp_path):
+    from tllab.errors import ConfigError
+
+    cfg, resolved = resolve_config(compose_config(
+        [*FAST, "regularizer=[replaces_head,noisy]", "+regularizer.other._target_=tests.plugins.ReplacesHead"]))
+    with pytest.raises(ConfigError, match="regularizer.replaces_head and regularizer.other both replace the model's "
+                                          "head; they cannot be stacked"):
+        Trainer(cfg, tmp_path / "run", resolved)
+
+
 @pytest.mark.parametrize(("overrides", "match"), [
     (["trainer.batch_size=0"], r"trainer.batch_size=0 is invalid: it must be >= 1"),
     (["trainer.max_steps=0"], r"trainer.max_steps=0 is invalid: it must be >= 1 or null"),

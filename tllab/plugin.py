@@ -35,7 +35,9 @@ A plug-in is an ``nn.Module``: its parameters and buffers are moved with the mod
 checkpoints with ``state_dict``. Keep frozen snapshots (a source model) out of the state dict by
 storing them in a plain attribute list, so checkpoints never hold them twice.
 Set ``uses_target = True`` when ``loss`` needs unlabelled target batches (domain adaptation):
-the trainer then draws them and forwards source and target together.
+the trainer then draws them and forwards source and target together. Set ``exclusive`` to a
+role (``"batchnorm"``, ``"head"``) that at most one plug-in of a run may take: stacking two
+BatchNorm replacements fails naming both.
 """
 
 from __future__ import annotations
@@ -101,6 +103,9 @@ class Plugin(nn.Module):
     """Base class of normalization strategies and fine-tuning regularizers (see module doc)."""
 
     uses_target: bool = False
+    # A role only one plug-in of a run may take, e.g. "batchnorm" (replaces every BatchNorm) or
+    # "head" (replaces the classifier head); two plug-ins with the same role are refused.
+    exclusive: str | None = None
 
     def transform_model(self, model: Classifier) -> Classifier:
         return model

@@ -159,6 +159,13 @@ class Trainer:
         forward = [n for n, p in self.plugins.items() if overrides_forward(p)]
         if len(forward) > 1:
             raise ConfigError(f"{forward[0]} and {forward[1]} both replace the forward pass; use only one of them.")
+        roles: dict[str, str] = {}
+        for name, plugin in self.plugins.items():
+            if plugin.exclusive and plugin.exclusive in roles:
+                raise ConfigError(f"{roles[plugin.exclusive]} and {name} both replace the model's "
+                                  f"{plugin.exclusive}; they cannot be stacked, use one of them.")
+            if plugin.exclusive:
+                roles[plugin.exclusive] = name
         target = [n for n, p in self.plugins.items() if p.uses_target]
         if target and self.cfg.dataset.setting != "da":
             raise ConfigError(f"{target} need unlabelled target data; set dataset.setting=da.")

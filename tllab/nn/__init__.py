@@ -5,8 +5,10 @@ from tllab.nn.syncbn import (
     DistSyncBatchNorm,
     SyncBatchNorm,
     batch_norm,
+    batch_stats,
     convert_sync_batchnorm,
     revert_sync_batchnorm,
 )
 
-__all__ = ["DistSyncBatchNorm", "SyncBatchNorm", "batch_norm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
+__all__ = ["DistSyncBatchNorm", "SyncBatchNorm", "batch_norm", "batch_stats", "convert_sync_batchnorm",
+           "revert_sync_batchnorm"]
