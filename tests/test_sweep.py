@@ -102,3 +102,15 @@ def test_sweep_skips_finished_jobs_reports_failures_and_makes_the_report(tmp_pat
     assert not (sweep_dir / failed).exists()
     sweep.main(["status", str(sweep_dir)])
     assert capsys.readouterr().out.splitlines()[0] == "4 jobs: 3 done, 1 pending"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", [["--jobs", "2"], ["hydra/launcher=submitit_local"]], ids=["joblib", "submitit"])
+def test_parallel_and_submitit_launchers_run_the_same_jobs(tmp_path: Path, capsys, launcher):
+    sweep_dir = tmp_path / "sweep"
+    code, out = _launch(sweep_dir, capsys, *launcher, "seed=0,1")
+    assert code == 0 and "2 jobs: 2 done" in out
+    jobs = load_jobs(sweep_dir)
+    assert all((job.dir / "done").exists() and job.dir.name == job.id for job in jobs)
+    code, out = _launch(sweep_dir, capsys, *launcher, "seed=0,1")  # nothing left to run
+    assert code == 0 and "2 jobs, 2 already done, 0 to run" in out
