@@ -23,8 +23,21 @@ from tllab.models.pretrained import (
 from tllab.models.resnet import RESNETS, torchvision_resnet
 from tllab.models.timm_models import timm_backbone
 
-# Own models: name -> builder(**kwargs). Later files register here (e.g. IBN-ResNets).
-TLLAB_MODELS: dict[str, Callable[..., nn.Module]] = {"digits_cnn": digits_cnn}
+
+def _ibn_resnet(name: str) -> Callable[..., nn.Module]:
+    def build(**kwargs) -> nn.Module:
+        from tllab.norm.ibn import IBN_RESNETS  # imported on use: tllab.norm.ibn builds on this package
+
+        return IBN_RESNETS[name](**kwargs)
+
+    return build
+
+
+# Own models: name -> builder(**kwargs).
+TLLAB_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "digits_cnn": digits_cnn,
+    **{f"resnet{d}_ibn_{v}": _ibn_resnet(f"resnet{d}_ibn_{v}") for d in (18, 34, 50) for v in "ab"},
+}
 
 __all__ = ["Classifier", "TLLAB_MODELS", "create_backbone"]
 
