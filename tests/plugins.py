@@ -48,7 +48,7 @@ class Recorder(Plugin):
         with torch.no_grad():
             self.gate.clamp_(0, 1)
 
-    def eval_model(self, model, ctx):
+    def eval_model(self, model, ctx, split):
         self.calls.append("eval_model")
         return copy.deepcopy(model)
 

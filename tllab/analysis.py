@@ -1,4 +1,4 @@
-"""Feature-space analysis of a trained checkpoint: t-SNE plots and the proxy A-distance.
+"""Analysis of a trained checkpoint: t-SNE plots, the proxy A-distance and AdaBN.
 
 The analysis tools of the Transfer-Learning-Library (tllib), for tllab runs: the model is rebuilt from the
 run's ``config.yaml`` and loaded with the checkpoint's weights; its features (the classifier's
@@ -9,6 +9,12 @@ second output) are computed on the source and target test splits (``--source-spl
     tllab-analyze tsne <run> --max-samples 500 --out tsne.png
     tllab-analyze a-distance <run>/checkpoints/last.pt --max-samples 500
     python -m tllab.analysis a-distance <run> --device cuda
+    tllab-analyze adabn <run>                     # target accuracy before/after AdaBN
+
+``adabn`` evaluates the checkpoint on ``--split target_test`` as it is and after AdaBN
+(:func:`tllab.norm.adabn.adapt_batchnorm`: every BatchNorm re-estimated exactly on the run's
+unlabelled target train split, ``--adapt-split``), with the run's ``trainer.eval_batch_size``,
+so "after" equals what a ``norm=adabn`` run reports for the same weights (without AMP).
 
 ``CKPT`` is a checkpoint file inside its run dir (``<run>/checkpoints/<name>.pt``) or the run
 dir itself (then ``best.pt``, else ``last.pt``). Outputs go to ``<run>/analysis/`` unless
@@ -21,6 +27,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +44,7 @@ from tllab.data.loaders import eval_loader
 from tllab.errors import CheckpointError, ConfigError, TllabError
 from tllab.keys import method_name, task_name
 from tllab.loggers import write_json_atomic
+from tllab.norm.adabn import adapt_batchnorm, adaptation_split
 from tllab.plugin import build_plugins
 from tllab.schema import Precision, TrainConfig
 from tllab.trainer import build_model, resolve_device
@@ -272,6 +280,59 @@ def _a_distance_command(args: argparse.Namespace) -> None:
     print(out)
 
 
+@torch.no_grad()
+def accuracy(model: nn.Module, dataset: ArrayDataset, batch_size: int) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of ``model`` (in eval mode, as the trainer evaluates) on
+    ``dataset``, in the model's device and dtype; the model's train/eval flag is restored."""
+    was_training = model.training
+    model.eval()
+    reference = next(model.parameters())
+    correct = loss = 0.0
+    for x, y, _ in eval_loader(dataset, batch_size):
+        logits, _ = model(x.to(reference.device, reference.dtype))
+        y = y.to(reference.device)
+        correct += (logits.argmax(1) == y).sum().item()
+        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+    model.train(was_training)
+    return {"acc": correct / len(dataset), "loss": loss / len(dataset)}
+
+
+def adabn_gain(ckpt: Path, split: str = "target_test", adapt_split: str = "unlabeled", batch_size: int | None = None,
+               device: str = "cpu") -> dict[str, Any]:
+    """Accuracy of a checkpoint on ``split`` before and after AdaBN on ``adapt_split``
+    (:func:`tllab.norm.adabn.adaptation_split`: ``unlabeled`` is the run's target train split).
+
+    ``batch_size`` defaults to the run's ``trainer.eval_batch_size`` (batch sizes change float
+    rounding, so this reproduces the trainer's numbers exactly). Returns the JSON record of
+    ``tllab-analyze adabn``: ``before`` and ``after`` (``acc``, ``loss``), ``gain`` (accuracy),
+    the splits, their sizes and the run's method and task.
+    """
+    ckpt = resolve_checkpoint(ckpt)
+    cfg, model = load_run(ckpt, device)
+    data = build_data(cfg.dataset, cfg.seed)
+    if split not in data.eval_splits:
+        raise ConfigError(f"--split {split} is not an evaluation split of this run; "
+                          f"use one of {list(data.eval_splits)}.")
+    images = adaptation_split(data, adapt_split, option="--adapt-split ")
+    batch_size = batch_size or cfg.trainer.eval_batch_size
+    before = accuracy(model, data.eval_splits[split], batch_size)
+    after = accuracy(adapt_batchnorm(model, eval_loader(images, batch_size)), data.eval_splits[split], batch_size)
+    return {"before": before, "after": after, "gain": after["acc"] - before["acc"], "split": split,
+            "adapt_split": adapt_split, "num_eval": len(data.eval_splits[split]), "num_adapt": len(images),
+            "batch_size": batch_size, "checkpoint": str(ckpt), "method": method_name(cfg), "task": task_name(cfg)}
+
+
+def _adabn_command(args: argparse.Namespace) -> None:
+    ckpt = resolve_checkpoint(args.ckpt)
+    record = adabn_gain(ckpt, args.split, args.adapt_split, args.batch_size, args.device)
+    out = args.out or ckpt.parent.parent / "analysis" / "adabn.json"
+    write_json_atomic(out, record)
+    print(f"{args.split} accuracy {record['before']['acc']:.4f} before AdaBN, {record['after']['acc']:.4f} after "
+          f"({record['gain']:+.4f}; statistics from {record['num_adapt']} images of {args.adapt_split})")
+    print(out)
+
+
 def _at_least(low: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         value = int(text)
@@ -283,9 +344,9 @@ def _at_least(low: int) -> Callable[[str], int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tllab-analyze", description="Feature-space analysis of a trained checkpoint: t-SNE plots and the "
-                                          "proxy A-distance between source and target features.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{tsne,a-distance}")
+        prog="tllab-analyze", description="Analysis of a trained checkpoint: t-SNE plots and the proxy A-distance "
+                                          "between source and target features, accuracy before/after AdaBN.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{tsne,a-distance,adabn}")
     for name, run, help_, out in (
             ("tsne", _tsne_command, "t-SNE plot of source and target features", "<run>/analysis/tsne.png"),
             ("a-distance", _a_distance_command, "proxy A-distance between source and target features",
@@ -303,6 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "a-distance":
             sub.add_argument("--epochs", type=_at_least(1), default=300,
                              help="full-batch steps of the domain classifier (default 300)")
+    help_ = "accuracy before and after AdaBN (BatchNorm statistics re-estimated on the target train split)"
+    sub = commands.add_parser("adabn", help=help_, description=help_)
+    sub.set_defaults(run=_adabn_command)
+    sub.add_argument("ckpt", type=Path, metavar="CKPT", help="run dir or <run dir>/checkpoints/<name>.pt")
+    sub.add_argument("--split", default="target_test", help="evaluation split to score (default target_test)")
+    sub.add_argument("--adapt-split", default="unlabeled",
+                     help="images to re-estimate the statistics on: unlabeled (the target train split of a domain "
+                          "adaptation run, default), train, or an evaluation split")
+    sub.add_argument("--batch-size", type=_at_least(1), help="default: the run's trainer.eval_batch_size")
+    sub.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (default cpu)")
+    sub.add_argument("--out", type=Path, help="output file (default <run>/analysis/adabn.json)")
     return parser
 
 

@@ -28,8 +28,10 @@ The trainer calls the hooks below in this order and knows nothing else about a m
    ramped weights). The trainer adds them to the cross-entropy and logs each under
    ``train/<group>.<name>/<term>``.
 6. ``after_step(model)`` — after every optimizer step (clamping gates, momentum encoders).
-7. ``eval_model(model, ctx)`` — before every evaluation: return the model to evaluate (AdaBN
-   returns a copy with target-adapted BatchNorm statistics; the trained weights stay untouched).
+7. ``eval_model(model, ctx, split)`` — before evaluating each split (``source_val``,
+   ``target_test``...): return the model to evaluate it with (AdaBN returns, for target splits,
+   a copy with target-adapted BatchNorm statistics, computed once per evaluation; the trained
+   weights stay untouched).
 
 A plug-in is an ``nn.Module``: its parameters and buffers are moved with the model and saved in
 checkpoints with ``state_dict``. Keep frozen snapshots (a source model) out of the state dict by
@@ -127,7 +129,7 @@ class Plugin(nn.Module):
     def after_step(self, model: nn.Module) -> None:
         pass
 
-    def eval_model(self, model: nn.Module, ctx: SetupContext) -> nn.Module:
+    def eval_model(self, model: nn.Module, ctx: SetupContext, split: str) -> nn.Module:
         return model
 
 

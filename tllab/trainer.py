@@ -302,14 +302,15 @@ class Trainer:
         rank evaluates its part of every split (after taking rank 0's BatchNorm buffers) and the
         sums are all-reduced, so the result equals one process evaluating everything."""
         broadcast_tensors(self.model.buffers())
-        model = self.model
-        for plugin in self.plugins.values():
-            model = plugin.eval_model(model, self.ctx)
         was_training = self.model.training
-        model.eval()
+        self.model.eval()
         metrics: dict[str, float] = {}
         tc = self.cfg.trainer
         for split, dataset in self.data.eval_splits.items():
+            model = self.model
+            for plugin in self.plugins.values():
+                model = plugin.eval_model(model, self.ctx, split)
+            model.eval()
             sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # correct, loss, count
             for x, y, _ in eval_loader(dataset, tc.eval_batch_size, tc.num_workers, self.rank, self.world):
                 x, y = x.to(self.device, self.dtype), y.to(self.device)
