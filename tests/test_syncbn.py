@@ -166,3 +166,33 @@ def test_host_exchange_gathers_in_rank_order_across_many_calls(tmp_path):
         for step, g in enumerate(got):
             assert g.tolist() == [[10.0 * step] * 5, [10.0 * step + 1] * 5]
     assert not list(Path("/dev/shm").glob("tllab-exchange-*"))  # unlinked once mapped
+
+
+def batch_stats_worker(rank: int, world: int, out_dir: str) -> None:
+    from tllab.nn import batch_stats
+
+    x = torch.randn(16, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 2 + 5
+    mine = (x[:5] if rank == 0 else x[5:]).clone().requires_grad_(True)  # uneven shards: [5, 11]
+    mean, var, count = batch_stats(mine)
+    # Each rank's loss is its share of the one-process loss; gradients reach every rank's input.
+    ((mean.sum() + (var * torch.arange(1.0, 4.0, dtype=torch.float64)).sum()) / world).backward()
+    torch.save({"mean": mean.detach(), "var": var.detach(), "count": count, "grad": mine.grad},
+               Path(out_dir) / f"stats{rank}.pt")
+
+
+def test_batch_stats_over_ranks_equal_one_process_with_gradients(tmp_path):
+    from tllab.nn import batch_stats
+
+    run_gloo(batch_stats_worker, 2, tmp_path, str(tmp_path))
+    x = torch.randn(16, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 2 + 5
+    x.requires_grad_(True)
+    mean, var, count = batch_stats(x)
+    (mean.sum() + (var * torch.arange(1.0, 4.0, dtype=torch.float64)).sum()).backward()
+    assert count == 16 * 16
+    torch.testing.assert_close(var, x.var(dim=(0, 2, 3), unbiased=False))
+    parts = [torch.load(tmp_path / f"stats{r}.pt") for r in range(2)]
+    for part in parts:
+        assert part["count"] == count
+        torch.testing.assert_close(part["mean"], mean.detach(), rtol=0, atol=1e-12)
+        torch.testing.assert_close(part["var"], var.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.cat([parts[0]["grad"], parts[1]["grad"]]), x.grad, rtol=0, atol=1e-12)

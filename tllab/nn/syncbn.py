@@ -147,51 +147,6 @@ def batch_norm(x: Tensor, bn: _BatchNorm, process_group: dist.ProcessGroup | Non
     return y
 
 
-def batch_stats(x: Tensor, process_group: dist.ProcessGroup | None = None) -> tuple[Tensor, Tensor]:
-    r"""Per-channel mean and biased variance of ``x`` over the batch and spatial dimensions of all
-    ranks in ``process_group`` (one process: of ``x``), differentiable.
-
-    Each rank's count :math:`n_i`, mean :math:`\mu_i` and :math:`M2_i = n_i \sigma_i^2` are
-    gathered (with autograd, so gradients flow to every rank's input) and merged:
-
-    .. math:: \mu = \frac{\sum_i n_i \mu_i}{N},\quad
-              \sigma^2 = \frac{\sum_i M2_i + n_i (\mu_i - \mu)^2}{N}
-
-    For layers that use batch statistics in their own way (StochNorm, BIN) under
-    ``trainer.sync_bn``; a rank may hold no samples.
-
-    Args:
-        x: :math:`(N, C, *)`.
-        process_group: the ranks to merge over (default: all, when a process group exists).
-
-    Returns:
-        ``(mean, var)``, each of shape :math:`(C,)`.
-
-    Example:
-        >>> mean, var = batch_stats(torch.randn(8, 3, 4, 4))
-        >>> mean.shape, var.shape
-        (torch.Size([3]), torch.Size([3]))
-    """
-    dims = [0, *range(2, x.dim())]
-    n = x.numel() // x.shape[1]
-    if n:
-        var, mean = torch.var_mean(x, dim=dims, unbiased=False)
-    else:
-        mean = var = x.sum(dims)  # zeros that keep the graph
-    if not (dist.is_available() and dist.is_initialized()) or _group_size(process_group) == 1:
-        return mean, var
-    from torch.distributed.nn.functional import all_gather
-
-    local = torch.cat([x.new_full((1,), float(n)), mean, var * n])
-    c = x.shape[1]
-    parts = torch.stack(all_gather(local, group=process_group or dist.group.WORLD))
-    counts, means, m2 = parts[:, :1], parts[:, 1:1 + c], parts[:, 1 + c:]
-    total = counts.sum()
-    mean = (counts * means).sum(0) / total
-    var = (m2 + counts * (means - mean) ** 2).sum(0) / total
-    return mean, var
-
-
 class SyncBatchNorm(_BatchNorm):
     r"""BatchNorm whose batch statistics are computed over all ranks, on any backend.
 

@@ -17,9 +17,8 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tllab.errors import ConfigError
-from tllab.nn import batch_stats
+from tllab.nn.batchnorm import batch_stats, copy_batchnorm, synced, update_running_stats
 from tllab.norm.placement import replace_batchnorm
-from tllab.norm.stochnorm import copy_batchnorm, global_count, synced, update_running_stats
 from tllab.plugin import Plugin
 
 __all__ = ["BINStrategy", "BatchInstanceNorm2d"]
@@ -165,8 +164,7 @@ class BatchInstanceNorm2d(_BatchNorm):
             if not self.training:
                 return in_mean, in_var, self.running_mean, self.running_var, 0
             if sync:
-                mean, var = batch_stats(x, self.process_group)
-                return in_mean, in_var, mean, var, global_count(x, self.process_group)
+                return in_mean, in_var, *batch_stats(x, self.process_group)
             m, v = in_mean.view(n, c), in_var.view(n, c)
             mean = m.mean(0)
             return in_mean, in_var, mean, (v + (m - mean) ** 2).mean(0), x.numel() // c

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tllab.errors import ConfigError
-from tllab.models.cnn import DigitsCNN
 
 
 def stages(backbone: nn.Module) -> dict[str, nn.Module]:
@@ -30,6 +29,8 @@ def stages(backbone: nn.Module) -> dict[str, nn.Module]:
     Raises:
         ConfigError: the backbone is neither a ResNet (``layer1``..``layer4``) nor the digits CNN.
     """
+    from tllab.models.cnn import DigitsCNN  # here: importing tllab.models loads timm and torchvision
+
     if isinstance(backbone, DigitsCNN):
         pools = [m for m in backbone.features if isinstance(m, nn.MaxPool2d)]  # each block ends in a pool
         return {f"block{i + 1}": m for i, m in enumerate(pools)}

@@ -21,53 +21,11 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tllab.errors import ConfigError
-from tllab.nn import batch_stats
+from tllab.nn.batchnorm import batch_stats, check_count, copy_batchnorm, synced, update_running_stats
 from tllab.norm.placement import replace_batchnorm
 from tllab.plugin import Plugin, SetupContext
 
 __all__ = ["StochNorm1d", "StochNorm2d", "StochNorm3d", "StochNormStrategy", "convert_model"]
-
-
-def synced(layer: _BatchNorm) -> bool:
-    """Whether ``layer`` (flagged by ``tllab.nn.convert_sync_batchnorm``) takes its batch statistics
-    over several ranks in this forward."""
-    return (getattr(layer, "sync", False) and layer.training and dist.is_available() and dist.is_initialized()
-            and dist.get_world_size(layer.process_group) > 1)
-
-
-def global_count(x: Tensor, group: dist.ProcessGroup | None) -> int:
-    """Values per channel of ``x`` summed over the ranks of ``group`` (for the unbiased variance)."""
-    count = torch.tensor([x.numel() // x.shape[1]], dtype=torch.float64, device=x.device)
-    dist.all_reduce(count, group=group)
-    return int(count.item())
-
-
-def check_count(count: int) -> None:
-    """BatchNorm's training error for fewer than 2 values per channel (e.g. one 1x1 image)."""
-    if count <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got {count}")
-
-
-def update_running_stats(layer: _BatchNorm, mean: Tensor, var: Tensor, count: int) -> None:
-    """BatchNorm's running-statistics step from batch ``mean`` and biased ``var`` over ``count`` values:
-    the unbiased variance, ``momentum`` (``None``: cumulative average), ``num_batches_tracked``."""
-    check_count(count)
-    with torch.no_grad():
-        layer.num_batches_tracked.add_(1)
-        factor = 1.0 / layer.num_batches_tracked.item() if layer.momentum is None else layer.momentum
-        layer.running_mean.mul_(1 - factor).add_(mean.to(layer.running_mean.dtype), alpha=factor)
-        layer.running_var.mul_(1 - factor).add_(var.to(layer.running_var.dtype), alpha=factor * count / (count - 1))
-
-
-def copy_batchnorm(bn: _BatchNorm, layer: _BatchNorm) -> _BatchNorm:
-    """``layer`` with a copy of ``bn``'s parameters (and their ``requires_grad``), running statistics
-    and train/eval mode; returns ``layer``."""
-    with torch.no_grad():
-        for name, value in bn.state_dict().items():
-            getattr(layer, name).copy_(value)
-    for name, param in bn.named_parameters(recurse=False):
-        getattr(layer, name).requires_grad_(param.requires_grad)
-    return layer.train(bn.training)
 
 
 def _channels_last(x: Tensor) -> torch.memory_format:
@@ -165,8 +123,7 @@ class _StochNorm(_BatchNorm):
         """Per-channel batch mean, biased variance and value count (of all ranks with ``sync``)."""
         with torch.no_grad():
             if sync:
-                mean, var = batch_stats(x, self.process_group)
-                return mean, var, global_count(x, self.process_group)
+                return batch_stats(x, self.process_group)
             count = x.numel() // x.shape[1]
             check_count(count)
             mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
