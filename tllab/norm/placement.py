@@ -52,15 +52,17 @@ def resolve_stages(backbone: nn.Module, names: Sequence[str], what: str) -> dict
     return {n: available[n] for n in names}
 
 
-def stage_channels(stage: nn.Module) -> int:
-    """Output channels of a stage: those of its last BatchNorm, or of its last conv."""
-    norms = [m for m in stage.modules() if isinstance(m, _BatchNorm)]
-    if norms:
-        return norms[-1].num_features
-    convs = [m for m in stage.modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise ConfigError(f"cannot tell the channels of {type(stage).__name__}: it has no BatchNorm or conv.")
-    return convs[-1].out_channels
+def stage_channels(backbone: nn.Module, stage: nn.Module) -> int:
+    """Output channels of one of ``backbone``'s stages: those of the last BatchNorm (else conv) up
+    to the end of the stage, in module order (the digits CNN's stages are its pools, which hold
+    neither, so the block's BatchNorm before them counts)."""
+    order = list(backbone.modules())
+    upto = order[:order.index(stage) + 1] + list(stage.modules())
+    for kind, attr in ((_BatchNorm, "num_features"), (nn.Conv2d, "out_channels")):
+        found = [m for m in upto if isinstance(m, kind)]
+        if found:
+            return getattr(found[-1], attr)
+    raise ConfigError(f"cannot tell the channels of {type(stage).__name__}: no BatchNorm or conv up to it.")
 
 
 class _AfterStage:
