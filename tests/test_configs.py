@@ -159,8 +159,10 @@ def test_leave_one_domain_out_preset_trains_on_the_other_domains():
 
 
 @pytest.mark.parametrize("preset, grid", [
-    ("table_digits_da", {"seed": "0,1,2", "dataset.target": "[mnistm],[uci]", "norm": "none"}),
-    ("table_digits_dg", {"seed": "0,1,2", "dataset.target": "[mnist],[uci],[synth],[mnistm]", "norm": "none"}),
+    ("table_digits_da", {"seed": "0,1,2", "dataset.target": "[mnistm],[uci]",
+                         "norm": "none,adabn,afn,stochnorm,bin,domainnorm,ibn_a,ibn_b,mixstyle,cnsn"}),
+    ("table_digits_dg", {"seed": "0,1,2", "dataset.target": "[mnist],[uci],[synth],[mnistm]",
+                         "norm": "none,ibn_a,ibn_b,mixstyle,cnsn,domainnorm,bin,stochnorm"}),
     ("table_digits_finetune", {"seed": "0,1,2", "dataset.labels_per_class": "5,20", "regularizer": "none",
                                "backbone.pretrained": "null,outputs/pretrained/digits_mnist/checkpoints/last.pt"}),
 ])

@@ -124,3 +124,21 @@ def test_a_user_error_in_a_worker_is_raised_once_with_its_message(tmp_path):
         run(compose_config(["trainer=ddp", "trainer.devices=2", "dataset.num_classes=5", "trainer.quiet=true"]),
             tmp_path / "bad")
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm", ["[stochnorm,adabn]", "bin", "ibn_a"])
+def test_ddp_with_normalization_strategies_equals_one_process(tmp_path, norm):
+    """Synchronized StochNorm (identical masks on both ranks), BIN and IBN's BatchNorm half train
+    exactly as one process on the concatenated batch; AdaBN's distributed statistics evaluate
+    exactly as one process's."""
+    common = [*COMMON, f"norm={norm}", "trainer.max_steps=6", "trainer.eval_every=6"]
+    ddp = run(compose_config([*common, "trainer=ddp", "trainer.devices=2", "trainer.sync_bn=true",
+                              "trainer.batch_size=16"]), tmp_path / "ddp")
+    single = run(compose_config([*common, "trainer.batch_size=32"]), tmp_path / "single")
+    a, b = (torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=True) for d in ("ddp", "single"))
+    assert a["model"].keys() == b["model"].keys()
+    for key, value in b["model"].items():
+        torch.testing.assert_close(a["model"][key], value, atol=1e-9, rtol=1e-9, msg=key)
+    for key, value in single["final"].items():
+        assert ddp["final"][key] == pytest.approx(value, abs=1e-9 if key.endswith("/acc") else 1e-6), key
