@@ -11,7 +11,7 @@ from torch import nn
 
 from tests.conftest import FAST, compose_config
 from tests.dist_helpers import run_gloo
-from tllab.errors import ConfigError
+from tests.norm_helpers import BACKBONES, check_bfloat16_under_float32_parameters, make_data, random_batchnorm, step
 from tllab.nn import convert_sync_batchnorm
 from tllab.norm.bin import BatchInstanceNorm2d, BINStrategy
 from tllab.plugin import build_plugins
@@ -22,36 +22,8 @@ C = 5
 GATES = [0.0, 0.25, 0.5, 0.9, 1.0]
 
 
-def batchnorm() -> nn.BatchNorm2d:
-    """A float64 BatchNorm with non-trivial affine parameters and running statistics."""
-    bn = nn.BatchNorm2d(C).double()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        bn.weight.copy_(torch.rand(C, generator=g) + 0.5)
-        bn.bias.copy_(torch.randn(C, generator=g))
-        bn.running_mean.copy_(torch.randn(C, generator=g))
-        bn.running_var.copy_(torch.rand(C, generator=g) + 0.5)
-    return bn
-
-
-def make_data(step: int, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` images whose halves differ in distribution, and an upstream gradient."""
-    g = torch.Generator().manual_seed(200 + step)
-    x = torch.randn(n, C, 4, 5, generator=g, dtype=torch.float64)
-    x[n // 2:] = 3 * x[n // 2:] + 2
-    return x, torch.randn(n, C, 4, 5, generator=g, dtype=torch.float64)
-
-
-def step(layer, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and backward; returns the output and the input's gradient."""
-    x = x.clone().requires_grad_()
-    y = layer(x)
-    (y * grad).sum().backward()
-    return y.detach(), x.grad
-
-
 def bin_layer(gate: float | list[float]) -> BatchInstanceNorm2d:
-    layer = BatchInstanceNorm2d.from_batchnorm(batchnorm())
+    layer = BatchInstanceNorm2d.from_batchnorm(random_batchnorm(C))
     with torch.no_grad():
         layer.gate.copy_(torch.as_tensor(gate, dtype=torch.float64))
     return layer
@@ -59,9 +31,9 @@ def bin_layer(gate: float | list[float]) -> BatchInstanceNorm2d:
 
 @pytest.mark.parametrize("training", [True, False])
 def test_gate_one_is_batchnorm(training):
-    bn, layer = batchnorm().train(training), bin_layer(1.0).train(training)
+    bn, layer = random_batchnorm(C).train(training), bin_layer(1.0).train(training)
     for i in range(2):
-        x, grad = make_data(i)
+        x, grad = make_data(200 + i, C)
         for a, b in zip(step(layer, x, grad), step(bn, x, grad)):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     for name in ("weight", "bias"):
@@ -73,7 +45,7 @@ def test_gate_one_is_batchnorm(training):
 @pytest.mark.parametrize("training", [True, False])
 def test_gate_zero_is_instance_norm_then_affine(training):
     layer = bin_layer(0.0).train(training)
-    x, grad = make_data(0)
+    x, grad = make_data(200, C)
     w, b = layer.weight.detach().clone().requires_grad_(), layer.bias.detach().clone().requires_grad_()
     expected = step(lambda t: F.instance_norm(t, weight=w, bias=b), x, grad)
     for a, e in zip(step(layer, x, grad), expected):
@@ -83,8 +55,8 @@ def test_gate_zero_is_instance_norm_then_affine(training):
 
 def test_mixed_gates_follow_the_formula_with_gate_gradients():
     layer = bin_layer(GATES)
-    bn = batchnorm()
-    x, grad = make_data(0)
+    bn = random_batchnorm(C)
+    x, grad = make_data(200, C)
     rho = layer.gate.detach().clone().requires_grad_()
     gamma, beta = bn.weight, bn.bias
 
@@ -103,7 +75,7 @@ def test_mixed_gates_follow_the_formula_with_gate_gradients():
 
 def test_eval_output_of_a_sample_does_not_depend_on_the_others():
     layer = bin_layer(GATES).eval()
-    x = make_data(0)[0]
+    x = make_data(200, C)[0]
     other = x.clone()
     other[1:] = torch.randn_like(other[1:])
     torch.testing.assert_close(layer(x)[0], layer(other)[0], atol=1e-12, rtol=0)
@@ -132,13 +104,7 @@ def test_without_affine_and_with_cumulative_momentum():
 
 
 def test_bfloat16_inputs_with_float32_parameters_as_under_amp():
-    layer = BatchInstanceNorm2d(4)
-    x = torch.randn(8, 4, 3, 3).bfloat16().requires_grad_()
-    y = layer(x)
-    assert y.dtype == torch.bfloat16
-    y.float().square().sum().backward()
-    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
-    assert layer.weight.grad.dtype == torch.float32
+    check_bfloat16_under_float32_parameters(BatchInstanceNorm2d(4))
 
 
 def test_sync_conversion_keeps_the_gates_and_is_plain_outside_a_process_group():
@@ -147,7 +113,7 @@ def test_sync_conversion_keeps_the_gates_and_is_plain_outside_a_process_group():
         warnings.simplefilter("error")  # no "BatchNorm subclass without supports_sync" warning
         convert_sync_batchnorm(model)
     assert type(model[0]) is BatchInstanceNorm2d and model[0].sync and model[0].gate.tolist() == GATES
-    x = make_data(0)[0]
+    x = make_data(200, C)[0]
     torch.testing.assert_close(model(x), reference(x), atol=0, rtol=0)
 
 
@@ -165,7 +131,7 @@ def bin_worker(rank: int, world: int, out_dir: str) -> None:
         lo = sum(split[:rank])
         outs = []
         for i in range(STEPS):
-            x, grad = make_data(i)
+            x, grad = make_data(200 + i, C)
             layer.zero_grad()
             outs.append(step(layer, x[lo:lo + split[rank]], grad[lo:lo + split[rank]]))
         results[split] = {"outs": outs, "mean": layer.running_mean, "var": layer.running_var,
@@ -181,7 +147,7 @@ def test_sync_bin_on_two_ranks_equals_one_process_on_the_whole_batch(tmp_path):
         outs = []
         for i in range(STEPS):
             ref.zero_grad()
-            outs.append(step(ref, *make_data(i)))
+            outs.append(step(ref, *make_data(200 + i, C)))
         lo = 0
         for r in range(2):
             got = ranks[r][split]
@@ -222,8 +188,7 @@ def test_gates_have_their_own_group_and_stay_in_the_unit_interval(tmp_path):
     assert all(((g >= 0) & (g <= 1)).all() for g in gates)
 
 
-@pytest.mark.parametrize("backbone", [["backbone=digits_cnn"], ["backbone=resnet18"],
-                                      ["backbone=timm", "backbone.name=resnet18"]])
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_config_builds_on_every_backbone(backbone):
     cfg, _ = resolve_config(compose_config(["norm=bin", *backbone, "backbone.bottleneck_dim=16"]))
     assert cfg.norm["bin"] == {"_target_": "tllab.norm.bin.BINStrategy", "gate_lr_mult": 10.0,
@@ -236,15 +201,3 @@ def test_config_builds_on_every_backbone(backbone):
     logits, _ = model(torch.randn(2, 3, 64, 64))  # 64x64: the last ResNet stage is 2x2
     logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
-
-
-def test_trains_end_to_end(train_run):
-    summary = train_run("norm=bin", "trainer.max_steps=2")
-    assert summary["steps"] == 2 and 0.0 <= summary["final"]["target_test/acc"] <= 1.0
-
-
-def test_a_backbone_without_batchnorm_is_refused():
-    model = nn.Module()
-    model.backbone = nn.Sequential(nn.Conv2d(3, 4, 3))
-    with pytest.raises(ConfigError, match="norm.bin: the backbone Sequential has no BatchNorm2d"):
-        BINStrategy().transform_model(model)

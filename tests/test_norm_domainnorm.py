@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.conftest import compose_config
-from tllab.errors import ConfigError
-from tllab.norm.domainnorm import DomainNorm, DomainNormStrategy
+from tests.norm_helpers import BACKBONES, check_bfloat16_under_float32_parameters
+from tllab.norm.domainnorm import DomainNorm
 from tllab.plugin import build_plugins
 from tllab.train import resolve_config
 from tllab.trainer import build_model
@@ -111,17 +111,10 @@ def test_replaces_batchnorm_with_fresh_affine_on_the_same_device_and_mode():
 
 
 def test_bfloat16_inputs_with_float32_parameters_as_under_amp():
-    layer = DomainNorm(4)
-    x = torch.randn(8, 4, 3, 3).bfloat16().requires_grad_()
-    y = layer(x)
-    assert y.dtype == torch.bfloat16
-    y.float().square().sum().backward()
-    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
-    assert layer.weight.grad.dtype == torch.float32
+    check_bfloat16_under_float32_parameters(DomainNorm(4))
 
 
-@pytest.mark.parametrize("backbone", [["backbone=digits_cnn"], ["backbone=resnet18"],
-                                      ["backbone=timm", "backbone.name=resnet18"]])
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_config_builds_on_every_backbone(backbone):
     cfg, _ = resolve_config(compose_config(["norm=domainnorm", *backbone]))
     assert cfg.norm["domainnorm"] == {"_target_": "tllab.norm.domainnorm.DomainNormStrategy", "l2": True}
@@ -132,15 +125,3 @@ def test_config_builds_on_every_backbone(backbone):
     logits, _ = model(torch.randn(2, 3, 64, 64))  # 64x64: the last ResNet stage is 2x2
     logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
-
-
-def test_trains_end_to_end(train_run):
-    summary = train_run("norm=domainnorm", "trainer.max_steps=2")
-    assert summary["steps"] == 2 and 0.0 <= summary["final"]["target_test/acc"] <= 1.0
-
-
-def test_a_backbone_without_batchnorm_is_refused():
-    model = nn.Module()
-    model.backbone = nn.Sequential(nn.Conv2d(3, 4, 3))
-    with pytest.raises(ConfigError, match="norm.domainnorm: the backbone Sequential has no BatchNorm2d"):
-        DomainNormStrategy().transform_model(model)

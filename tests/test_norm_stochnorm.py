@@ -12,6 +12,7 @@ from torch import nn
 
 from tests.conftest import FAST, compose_config
 from tests.dist_helpers import run_gloo
+from tests.norm_helpers import BACKBONES, check_bfloat16_under_float32_parameters, make_data, random_batchnorm, step
 from tllab.errors import ConfigError
 from tllab.models import Classifier, create_backbone
 from tllab.nn import convert_sync_batchnorm
@@ -23,39 +24,11 @@ from tllab.trainer import Trainer, build_model
 C = 6
 
 
-def batchnorm(dim: int = 2, dtype: torch.dtype = torch.float64) -> nn.modules.batchnorm._BatchNorm:
-    """A BatchNorm with non-trivial affine parameters and running statistics."""
-    bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dim](C).to(dtype)
-    g = torch.Generator().manual_seed(dim)
-    with torch.no_grad():
-        bn.weight.copy_(torch.rand(C, generator=g) + 0.5)
-        bn.bias.copy_(torch.randn(C, generator=g))
-        bn.running_mean.copy_(torch.randn(C, generator=g))
-        bn.running_var.copy_(torch.rand(C, generator=g) + 0.5)
-    return bn
-
-
-def make_data(step: int, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` images whose halves differ in distribution, and an upstream gradient."""
-    g = torch.Generator().manual_seed(100 + step)
-    x = torch.randn(n, C, 4, 5, generator=g, dtype=torch.float64)
-    x[n // 2:] = 3 * x[n // 2:] + 2
-    return x, torch.randn(n, C, 4, 5, generator=g, dtype=torch.float64)
-
-
-def step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and backward; returns the output and the input's gradient."""
-    x = x.clone().requires_grad_()
-    y = layer(x)
-    (y * grad).sum().backward()
-    return y.detach(), x.grad
-
-
 def test_p1_is_batchnorm_training_outputs_gradients_and_running_stats():
-    bn = batchnorm()
+    bn = random_batchnorm(C, seed=2)
     stoch = StochNorm2d.from_batchnorm(bn, p=1.0)
     for i in range(3):
-        x, grad = make_data(i)
+        x, grad = make_data(100 + i, C)
         y_ref, dx_ref = step(bn, x, grad)
         y, dx = step(stoch, x, grad)
         torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=0)
@@ -67,10 +40,10 @@ def test_p1_is_batchnorm_training_outputs_gradients_and_running_stats():
 
 
 def test_p0_normalizes_with_the_pre_step_running_stats_and_still_updates_them():
-    bn = batchnorm()
+    bn = random_batchnorm(C, seed=2)
     stoch = StochNorm2d.from_batchnorm(bn, p=0.0)
-    x, grad = make_data(0)
-    frozen = batchnorm().eval()  # BatchNorm evaluation with the statistics before this step
+    x, grad = make_data(100, C)
+    frozen = random_batchnorm(C, seed=2).eval()  # BatchNorm evaluation with the statistics before this step
     y_ref, dx_ref = step(frozen, x, grad)
     y, dx = step(stoch, x, grad)
     torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=0)
@@ -83,9 +56,9 @@ def test_p0_normalizes_with_the_pre_step_running_stats_and_still_updates_them():
 
 @pytest.mark.parametrize("p", [0.0, 0.5, 1.0])
 def test_eval_is_batchnorm_eval(p):
-    bn = batchnorm().eval()
+    bn = random_batchnorm(C, seed=2).eval()
     stoch = StochNorm2d.from_batchnorm(bn, p)
-    x, grad = make_data(0)
+    x, grad = make_data(100, C)
     for a, b in zip(step(stoch, x, grad), step(bn, x, grad)):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     assert stoch.num_batches_tracked.item() == 0
@@ -100,13 +73,13 @@ def reference(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, mask: torch.
 
 
 def test_each_channel_is_one_branch_with_the_reference_gradients():
-    bn = batchnorm()
+    bn = random_batchnorm(C, seed=2)
     stoch = StochNorm2d.from_batchnorm(bn, p=0.5, generator=torch.Generator().manual_seed(3))
     masks = []
     sample = stoch._sample_mask
     stoch._sample_mask = lambda device: (masks.append(sample(device)), masks[-1])[1]
     for i in range(3):
-        x, grad = make_data(i)
+        x, grad = make_data(100 + i, C)
         y, dx = step(stoch, x, grad)
         y_ref, dx_ref = step(lambda t: reference(bn, t, masks[-1]), x, grad)
         torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=0)
@@ -118,7 +91,7 @@ def test_each_channel_is_one_branch_with_the_reference_gradients():
 
 
 def test_gradcheck_with_a_fixed_mask():
-    stoch = StochNorm2d.from_batchnorm(batchnorm(), p=0.5, generator=torch.Generator())
+    stoch = StochNorm2d.from_batchnorm(random_batchnorm(C, seed=2), p=0.5, generator=torch.Generator())
     stats = [stoch.running_mean.clone(), stoch.running_var.clone()]
 
     def fn(x: torch.Tensor) -> torch.Tensor:
@@ -130,15 +103,16 @@ def test_gradcheck_with_a_fixed_mask():
 
     mask = torch.rand(C, generator=torch.Generator().manual_seed(1)) < 0.5
     assert 0 < mask.sum() < C
-    x = make_data(0, n=2)[0][..., :2, :2].clone().requires_grad_()
+    x = make_data(100, C, n=2)[0][..., :2, :2].clone().requires_grad_()
     assert torch.autograd.gradcheck(fn, (x,), fast_mode=True)
 
 
 def test_masks_follow_the_generator_state_and_p():
-    x = make_data(0)[0]
+    x = make_data(100, C)[0]
     outs = []
     for _ in range(2):  # two layer objects whose generators are in the same state
-        layer = StochNorm2d.from_batchnorm(batchnorm(), p=0.5, generator=torch.Generator().manual_seed(7))
+        layer = StochNorm2d.from_batchnorm(random_batchnorm(C, seed=2), p=0.5,
+                                           generator=torch.Generator().manual_seed(7))
         outs.append([layer(x) for _ in range(3)])
     for a, b in zip(*outs):
         assert torch.equal(a, b)
@@ -157,7 +131,8 @@ def test_batch_of_one_works_unless_a_channel_has_a_single_value():
 
 
 def test_convert_model_gives_every_layer_its_p_and_copies_parameters_and_statistics():
-    model = nn.Sequential(batchnorm(1), nn.Sequential(batchnorm(2), batchnorm(3)), nn.Linear(C, C))
+    inner = nn.Sequential(random_batchnorm(C, 2, seed=2), random_batchnorm(C, 3, seed=3))
+    model = nn.Sequential(random_batchnorm(C, 1, seed=1), inner, nn.Linear(C, C))
     model[1][1].eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     gen = torch.Generator()
@@ -174,7 +149,7 @@ def test_convert_model_gives_every_layer_its_p_and_copies_parameters_and_statist
     assert model[0].running_mean.data_ptr() != before["0.running_mean"].data_ptr()
     # A torchvision BatchNorm checkpoint (with num_batches_tracked) loads strictly.
     model.load_state_dict(before, strict=True)
-    single = convert_model(batchnorm(2), p=0.7)
+    single = convert_model(random_batchnorm(C, 2, seed=2), p=0.7)
     assert isinstance(single, StochNorm2d) and single.p == 0.7
     assert "p=0.7" in repr(single)
     with pytest.raises(ValueError, match="probability"):
@@ -193,19 +168,13 @@ def test_forward_and_backward_on_float32_and_without_affine():
 
 
 def test_bfloat16_inputs_with_float32_parameters_as_under_amp():
-    layer = StochNorm2d(4)
-    x = torch.randn(8, 4, 3, 3).bfloat16().requires_grad_()
-    y = layer(x)
-    assert y.dtype == torch.bfloat16
-    y.float().square().sum().backward()
-    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
-    assert layer.weight.grad.dtype == torch.float32
+    check_bfloat16_under_float32_parameters(StochNorm2d(4))
 
 
 def test_sync_conversion_keeps_the_layers_and_is_plain_outside_a_process_group():
     def make() -> nn.Module:
-        return convert_model(nn.Sequential(batchnorm(2), nn.Flatten(), nn.BatchNorm1d(C * 20).double()), p=0.5,
-                             generator=torch.Generator().manual_seed(2))
+        layers = nn.Sequential(random_batchnorm(C, 2, seed=2), nn.Flatten(), nn.BatchNorm1d(C * 20).double())
+        return convert_model(layers, p=0.5, generator=torch.Generator().manual_seed(2))
 
     model, reference = make(), make()
     with warnings.catch_warnings():
@@ -213,7 +182,7 @@ def test_sync_conversion_keeps_the_layers_and_is_plain_outside_a_process_group()
         assert convert_sync_batchnorm(model) is model
     assert [type(m) for m in model if isinstance(m, nn.modules.batchnorm._BatchNorm)] == [StochNorm2d, StochNorm1d]
     assert model[0].sync and model[2].sync
-    x = make_data(0)[0]
+    x = make_data(100, C)[0]
     torch.testing.assert_close(model(x), reference(x), atol=0, rtol=0)
 
 
@@ -223,7 +192,7 @@ STEPS = 3
 
 
 def stoch_layer() -> StochNorm2d:
-    return StochNorm2d.from_batchnorm(batchnorm(), p=0.5, generator=torch.Generator().manual_seed(5))
+    return StochNorm2d.from_batchnorm(random_batchnorm(C, seed=2), p=0.5, generator=torch.Generator().manual_seed(5))
 
 
 def stoch_worker(rank: int, world: int, out_dir: str) -> None:
@@ -237,7 +206,7 @@ def stoch_worker(rank: int, world: int, out_dir: str) -> None:
         lo = sum(split[:rank])
         outs = []
         for i in range(STEPS):
-            x, grad = make_data(i)
+            x, grad = make_data(100 + i, C)
             layer.zero_grad()
             outs.append(step(layer, x[lo:lo + split[rank]], grad[lo:lo + split[rank]]))
         results[split] = {"outs": outs, "masks": masks, "weight": layer.weight.grad, "bias": layer.bias.grad,
@@ -253,7 +222,7 @@ def test_sync_stochnorm_on_two_ranks_equals_one_process_on_the_whole_batch(tmp_p
         outs = []
         for i in range(STEPS):
             ref.zero_grad()
-            outs.append(step(ref, *make_data(i)))
+            outs.append(step(ref, *make_data(100 + i, C)))
         for a, b in zip(ranks[0][split]["masks"], ranks[1][split]["masks"]):
             assert torch.equal(a, b)  # every rank draws the same masks
         lo = 0
@@ -291,8 +260,7 @@ def test_strategy_converts_backbone_and_bottleneck_and_checkpoints_its_generator
         StochNormStrategy().transform_model(nn.Sequential(nn.Linear(2, 2)))
 
 
-@pytest.mark.parametrize("backbone", [["backbone=digits_cnn"], ["backbone=resnet18"],
-                                      ["backbone=timm", "backbone.name=resnet18"]])
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_config_builds_on_every_backbone(backbone):
     cfg, _ = resolve_config(compose_config(["norm=stochnorm", *backbone, "backbone.bottleneck_dim=16"]))
     assert cfg.norm["stochnorm"]["p"] == 0.5

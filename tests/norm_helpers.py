@@ -1,0 +1,48 @@
+"""Shared pieces of the normalization-layer tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# The backbones every strategy claims: the digits CNN, a torchvision and a timm ResNet.
+BACKBONES = [["backbone=digits_cnn"], ["backbone=resnet18"], ["backbone=timm", "backbone.name=resnet18"]]
+
+
+def random_batchnorm(channels: int, dim: int = 2, dtype: torch.dtype = torch.float64,
+                     seed: int = 0) -> nn.modules.batchnorm._BatchNorm:
+    """A BatchNorm with non-trivial affine parameters and running statistics."""
+    bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dim](channels).to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(channels, generator=g) + 0.5)
+        bn.bias.copy_(torch.randn(channels, generator=g))
+        bn.running_mean.copy_(torch.randn(channels, generator=g))
+        bn.running_var.copy_(torch.rand(channels, generator=g) + 0.5)
+    return bn
+
+
+def make_data(seed: int, channels: int, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` float64 images whose halves differ in distribution, and an upstream gradient."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, channels, 4, 5, generator=g, dtype=torch.float64)
+    x[n // 2:] = 3 * x[n // 2:] + 2
+    return x, torch.randn(n, channels, 4, 5, generator=g, dtype=torch.float64)
+
+
+def step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward; returns the output and the input's gradient."""
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    (y * grad).sum().backward()
+    return y.detach(), x.grad
+
+
+def check_bfloat16_under_float32_parameters(layer: nn.Module) -> None:
+    """As under AMP: bfloat16 in, bfloat16 out and input gradient, float32 parameter gradients."""
+    x = torch.randn(8, layer.num_features, 3, 3).bfloat16().requires_grad_()
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
+    assert layer.weight.grad.dtype == torch.float32
