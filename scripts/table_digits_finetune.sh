@@ -3,6 +3,6 @@
 # 3 seeds) -> docs/results/digits_finetune/. The pretrained model is trained once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-${TLLAB_BIN:-.venv/bin}/tllab-train experiment=digits_source_only trainer.quiet=true \
+${TLLAB_BIN:-.venv/bin}/tllab-train experiment=digits_pretrain trainer.quiet=true \
     hydra.run.dir=outputs/pretrained/digits_mnist
 exec scripts/table.sh table_digits_finetune last,target_val,oracle "$@"

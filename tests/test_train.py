@@ -46,6 +46,9 @@ def test_short_run_writes_config_records_summary_and_done(train_run, tmp_path):
     assert saved["final"]["target_test/acc"] == recs[-1]["target_test/acc"]
     assert saved["best"]["step"] in (3, 6) and saved["selection_split"] == "source_val"
     assert (run_dir / "checkpoints" / "last.pt").exists() and (run_dir / "checkpoints" / "best.pt").exists()
+    for name in ("last.pt", "best.pt"):  # a source model for fine-tuning: weights and class names
+        state = torch.load(run_dir / "checkpoints" / name, weights_only=True)
+        assert state["classes"] == [str(c) for c in range(10)] and "head.weight" in state["model"]
     # A completed run dir is not trained again.
     mtime = (run_dir / "results.jsonl").stat().st_mtime_ns
     assert train_run("seed=3")["final"] == summary["final"]

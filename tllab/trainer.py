@@ -172,7 +172,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def _weights(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(),
+        return {"model": self.model.state_dict(), "classes": self.data.classes,
                 "plugins": {n: p.state_dict() for n, p in self.plugins.items()}}
 
     def _state(self) -> dict[str, Any]:

@@ -67,6 +67,7 @@ class DataModule:
     selection_split: str | None  # split that picks the ``best`` checkpoint; None: the last one
     unlabeled: ArrayDataset | None = None
     train_domains: list[str] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)  # class names by label (saved with checkpoints)
 
 
 def check_dataset_config(cfg: DatasetConfig) -> DatasetFamily:
@@ -138,6 +139,7 @@ def _check_labels(data: DataModule, num_classes: int) -> DataModule:
     if top >= num_classes:
         raise ConfigError(f"dataset.num_classes={num_classes} but the labels go up to {top}; "
                           f"set dataset.num_classes={top + 1}.")
+    data.classes = data.classes or [str(c) for c in range(num_classes)]  # digits: the labels are the names
     return data
 
 
