@@ -50,3 +50,21 @@ def train_run(tmp_path: Path) -> Callable[..., dict[str, Any]]:
         return run(compose_config([*FAST, *overrides]), run_dir or tmp_path / "run")
 
     return _run
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory: pytest.TempPathFactory, _cache_dir: Path) -> Callable[..., Path]:
+    """``pretrained(*overrides)``: ``checkpoints/last.pt`` of a 2-step digits pretraining run, a
+    source model for fine-tuning tests (one run per set of overrides and session)."""
+    from tllab.train import run
+
+    made: dict[tuple[str, ...], Path] = {}
+
+    def _make(*overrides: str) -> Path:
+        if overrides not in made:
+            run_dir = tmp_path_factory.mktemp("pretrained")
+            run(compose_config([*FAST, "trainer.max_steps=2", *overrides]), run_dir)
+            made[overrides] = run_dir / "checkpoints" / "last.pt"
+        return made[overrides]
+
+    return _make

@@ -187,9 +187,8 @@ def test_ddp_queues_identical_and_equal_to_one_process(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(after[0], queues))
 
 
-def test_finetune_run_logs_both_terms_and_resumes_queues(train_run, tmp_path, monkeypatch):
-    train_run("trainer.max_steps=2", run_dir=tmp_path / "src")
-    ft = ["experiment=digits_finetune", f"backbone.pretrained={tmp_path}/src/checkpoints/last.pt",
+def test_finetune_run_logs_both_terms_and_resumes_queues(train_run, pretrained, tmp_path, monkeypatch):
+    ft = ["experiment=digits_finetune", f"backbone.pretrained={pretrained()}",
           "regularizer=bi_tuning", "trainer.max_steps=3", "trainer.eval_every=2"]
     original = Trainer.train_step
 

@@ -10,22 +10,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.conftest import FAST, compose_config
+from tests.conftest import compose_config
 from tllab.models import Classifier, create_backbone
 from tllab.plugin import StepOutput
 from tllab.regularizer import co_tuning
 from tllab.regularizer.co_tuning import CoTuning, relationship_from_probabilities, soft_cross_entropy
 from tllab.regularizer.source import load_source_head
-from tllab.train import resolve_config, run
+from tllab.train import resolve_config
 from tllab.trainer import Trainer
 
 
-@pytest.fixture(scope="module")
-def source_ckpt(tmp_path_factory: pytest.TempPathFactory, _cache_dir: Path) -> Path:
+@pytest.fixture
+def source_ckpt(pretrained) -> Path:
     """A 2-step digits pretraining run (no bottleneck: the head acts on the backbone features)."""
-    run_dir = tmp_path_factory.mktemp("co-tuning-src")
-    run(compose_config([*FAST, "trainer.max_steps=2"]), run_dir)
-    return run_dir / "checkpoints" / "last.pt"
+    return pretrained()
 
 
 def co_tuning_trainer(ckpt: Path, run_dir: Path, *overrides: str) -> Trainer:

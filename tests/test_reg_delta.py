@@ -193,9 +193,8 @@ def test_rank0_estimates_and_other_ranks_receive_the_same_attention(tmp_path):
     assert not (tmp_path / "run" / "rank1").exists()  # rank 1 neither estimated nor wrote
 
 
-def test_yaml_fine_tunes_digits_and_keeps_the_source_out_of_checkpoints(train_run, tmp_path):
-    train_run("trainer.max_steps=2", run_dir=tmp_path / "src")
-    summary = train_run("experiment=digits_finetune", f"backbone.pretrained={tmp_path}/src/checkpoints/last.pt",
+def test_yaml_fine_tunes_digits_and_keeps_the_source_out_of_checkpoints(train_run, pretrained, tmp_path):
+    summary = train_run("experiment=digits_finetune", f"backbone.pretrained={pretrained()}",
                         "regularizer=delta", "trainer.max_steps=2", "regularizer.delta.attention_steps=20",
                         "regularizer.delta.attention_batches=1", "regularizer.delta.attention_batch_size=8",
                         run_dir=tmp_path / "ft")

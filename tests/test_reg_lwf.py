@@ -9,23 +9,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import FAST, compose_config
+from tests.conftest import compose_config
 from tests.dist_helpers import run_gloo
 from tllab.errors import CheckpointError, ConfigError
 from tllab.models import Classifier, create_backbone
 from tllab.plugin import SetupContext, StepOutput
 from tllab.regularizer.lwf import LwF, knowledge_distillation
 from tllab.regularizer.source import load_source_head
-from tllab.train import resolve_config, run
+from tllab.train import resolve_config
 from tllab.trainer import Trainer
 
 
-@pytest.fixture(scope="module")
-def source_ckpt(tmp_path_factory: pytest.TempPathFactory, _cache_dir: Path) -> Path:
+@pytest.fixture
+def source_ckpt(pretrained) -> Path:
     """A 2-step digits pretraining run with a bottleneck (Linear -> BN -> ReLU) before the head."""
-    run_dir = tmp_path_factory.mktemp("lwf-src")
-    run(compose_config([*FAST, "trainer.max_steps=2", "backbone.bottleneck_dim=32"]), run_dir)
-    return run_dir / "checkpoints" / "last.pt"
+    return pretrained("backbone.bottleneck_dim=32")
 
 
 def lwf_trainer(ckpt: Path, run_dir: Path, *overrides: str) -> Trainer:

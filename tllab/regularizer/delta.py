@@ -40,6 +40,8 @@ from tllab.data.loaders import eval_loader
 from tllab.distributed import broadcast_object, is_main
 from tllab.errors import ConfigError
 from tllab.plugin import Plugin, SetupContext, StepOutput
+from tllab.regularizer.l2 import half_squared_norm
+from tllab.regularizer.source import frozen_copy
 
 __all__ = ["DELTA", "LayerOutputs", "estimate_channel_attention", "feature_map_distance"]
 
@@ -381,8 +383,7 @@ class DELTA(Plugin):
     def setup(self, ctx: SetupContext) -> None:
         model = ctx.model
         self.loss_layers = _layer_paths(model.backbone, self.layers)
-        source = copy.deepcopy(model.backbone).eval()  # before our hooks go on, so the copy has none
-        source.requires_grad_(False)
+        source = frozen_copy(model.backbone)  # without the hooks on the trained model
         self._source = [source]
         LayerOutputs(source, self.loss_layers).remove()  # fail now, on every rank, on an unknown layer
         if self.attention:
@@ -424,6 +425,6 @@ class DELTA(Plugin):
         source_maps = lo.take()
         src = [source_maps[name] for name in self.loss_layers]
         fm = feature_map_distance(src, tgt, self._weights if self.attention else None, self.reduction)
-        new_params = [p for m in (out.model.bottleneck, out.model.head) for p in m.parameters()]
-        head = 0.5 * sum(p.float().pow(2).sum() for p in new_params)
+        new_params = [p.float() for m in (out.model.bottleneck, out.model.head) for p in m.parameters()]
+        head = half_squared_norm(new_params, fm.device)
         return {"feature_map": self.weight * fm, "head": self.head_weight * head}
