@@ -5,7 +5,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ${TLLAB_BIN:-.venv/bin}/tllab-train experiment=digits_pretrain trainer.quiet=true \
     hydra.run.dir=outputs/pretrained/digits_mnist
-# The scratch row (random init, no regularizer) joins the same sweep dir.
-${TLLAB_BIN:-.venv/bin}/tllab-sweep launch outputs/sweeps/table_digits_finetune experiment=table_digits_finetune \
-    backbone.pretrained=null regularizer=none "$@" || echo "some scratch jobs failed; the report lists them"
+# Rows outside the grid join the same sweep dir (command-line values replace the grid's): scratch (random
+# init, no regularizer), and EfficientNet-Lite0 at 64 px from its ImageNet weights vs from scratch.
+sweep() {
+    ${TLLAB_BIN:-.venv/bin}/tllab-sweep launch outputs/sweeps/table_digits_finetune experiment=table_digits_finetune \
+        regularizer=none "$@" || echo "some jobs failed; the report lists them"
+}
+sweep backbone.pretrained=null "$@"
+sweep backbone=efficientnet_lite0 backbone.pretrained=imagenet dataset.image_size=64 \
+    "label='efficientnet-lite0 imagenet'" "$@"
+sweep backbone=efficientnet_lite0 backbone.pretrained=null dataset.image_size=64 \
+    "label='efficientnet-lite0 scratch'" "$@"
 exec scripts/table.sh table_digits_finetune last,target_val,oracle "$@"

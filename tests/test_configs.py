@@ -163,7 +163,8 @@ def test_leave_one_domain_out_preset_trains_on_the_other_domains():
                          "norm": "none,adabn,afn,stochnorm,bin,domainnorm,ibn_a,ibn_b,mixstyle,cnsn"}),
     ("table_digits_dg", {"seed": "0,1,2", "dataset.target": "[mnist],[uci],[synth],[mnistm]",
                          "norm": "none,ibn_a,ibn_b,mixstyle,cnsn,domainnorm,bin,stochnorm"}),
-    ("table_digits_finetune", {"seed": "0,1,2", "dataset.labels_per_class": "5,20", "regularizer": "none",
+    ("table_digits_finetune", {"seed": "0,1,2", "dataset.labels_per_class": "5,20",
+                               "regularizer": "none,l2,l2sp,delta,bss,lwf,co_tuning,bi_tuning",
                                "backbone.pretrained": "outputs/pretrained/digits_mnist/checkpoints/last.pt"}),
 ])
 def test_table_presets_hold_their_grid_and_sweep_dir(preset, grid):
