@@ -142,3 +142,21 @@ def test_ddp_with_normalization_strategies_equals_one_process(tmp_path, norm):
         torch.testing.assert_close(a["model"][key], value, atol=1e-9, rtol=1e-9, msg=key)
     for key, value in single["final"].items():
         assert ddp["final"][key] == pytest.approx(value, abs=1e-9 if key.endswith("/acc") else 1e-6), key
+
+
+@pytest.mark.slow
+def test_ddp_with_fine_tuning_regularizers_equals_one_process(tmp_path, pretrained):
+    """L2-SP, DELTA (attention from rank 0), BSS over all ranks' features, LwF (a teacher copied on
+    every rank) and Co-Tuning (relationship from rank 0) train exactly as one process on the
+    concatenated batch."""
+    common = [*COMMON, "experiment=digits_finetune", f"backbone.pretrained={pretrained()}", "trainer.max_steps=4",
+              "trainer.eval_every=4", "regularizer=[l2sp,delta,bss,lwf,co_tuning]", "regularizer.bss.gather=true",
+              "regularizer.delta.attention_steps=5", "regularizer.delta.attention_batches=1"]
+    ddp = run(compose_config([*common, "trainer=ddp", "trainer.devices=2", "trainer.sync_bn=true",
+                              "trainer.batch_size=16"]), tmp_path / "ddp")
+    single = run(compose_config([*common, "trainer.batch_size=32"]), tmp_path / "single")
+    a, b = (torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=True) for d in ("ddp", "single"))
+    for key, value in b["model"].items():
+        torch.testing.assert_close(a["model"][key], value, atol=1e-9, rtol=1e-9, msg=key)
+    for key, value in single["final"].items():
+        assert ddp["final"][key] == pytest.approx(value, abs=1e-9 if key.endswith("/acc") else 1e-6), key
