@@ -127,9 +127,9 @@ def test_a_user_error_in_a_worker_is_raised_once_with_its_message(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("norm", ["[stochnorm,adabn]", "bin", "ibn_a"])
+@pytest.mark.parametrize("norm", ["[stochnorm,adabn]", "ibn_a"])  # BIN: tests/test_norm_bin.py
 def test_ddp_with_normalization_strategies_equals_one_process(tmp_path, norm):
-    """Synchronized StochNorm (identical masks on both ranks), BIN and IBN's BatchNorm half train
+    """Synchronized StochNorm (identical masks on both ranks) and IBN's BatchNorm half train
     exactly as one process on the concatenated batch; AdaBN's distributed statistics evaluate
     exactly as one process's."""
     common = [*COMMON, f"norm={norm}", "trainer.max_steps=6", "trainer.eval_every=6"]
