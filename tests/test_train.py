@@ -283,3 +283,23 @@ def test_config_errors_fail_before_training(overrides, match, tmp_path, monkeypa
     cfg, resolved = resolve_config(compose_config([*FAST, *overrides]))
     with pytest.raises(ConfigError, match=match):
         Trainer(cfg, tmp_path, resolved)
+
+
+def test_load_head_continues_the_source_model_and_refuses_a_mismatch(pretrained, tmp_path):
+    from tllab.errors import CheckpointError, ConfigError
+
+    ckpt = pretrained()
+    source = torch.load(ckpt, weights_only=True)["model"]
+    cfg, resolved = resolve_config(compose_config(
+        [*FAST, "experiment=digits_finetune", f"backbone.pretrained={ckpt}", "backbone.load_head=true"]))
+    trainer = Trainer(cfg, tmp_path / "a", resolved)
+    for key, value in trainer.model.state_dict().items():  # backbone and head: the source model
+        if not key.endswith("num_batches_tracked"):
+            torch.testing.assert_close(value, source[key], msg=key)
+    cfg, resolved = resolve_config(compose_config([*FAST, "experiment=digits_finetune", f"backbone.pretrained={ckpt}",
+                                                   "backbone.load_head=true", "backbone.bottleneck_dim=16"]))
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        Trainer(cfg, tmp_path / "b", resolved)
+    cfg, resolved = resolve_config(compose_config(["backbone.load_head=true"]))
+    with pytest.raises(ConfigError, match="backbone.load_head=true needs backbone.pretrained"):
+        Trainer(cfg, tmp_path / "c", resolved)

@@ -79,6 +79,8 @@ class BackboneConfig:
     name: str = "digits_cnn"
     # None (random init), "imagenet" (offline weights where tllab ships them) or a checkpoint path
     pretrained: str | None = None
+    # Also load the checkpoint's bottleneck and head (same classes: keep training the source model)
+    load_head: bool = False
     bottleneck_dim: int | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -212,6 +214,9 @@ def validate_config(cfg: TrainConfig) -> None:
     for key, value, ok, rule in checks:
         if not ok:
             raise ConfigError(f"{key}={value} is invalid: it must be {rule}.")
+    if cfg.backbone.load_head and cfg.backbone.pretrained in (None, "imagenet"):
+        raise ConfigError(f"backbone.load_head=true needs backbone.pretrained=<tllab checkpoint>, not "
+                          f"{cfg.backbone.pretrained}; set backbone.pretrained or drop backbone.load_head.")
     domains = 1 if d.setting == "finetune" else len(d.source)
     if d.sampler == "domain_balanced" and t.batch_size % domains:
         raise ConfigError(f"dataset.sampler=domain_balanced needs trainer.batch_size ({t.batch_size}) to be a "

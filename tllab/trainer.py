@@ -39,6 +39,7 @@ from tllab.errors import CheckpointError, ConfigError, NonFiniteLossError
 from tllab.keys import group_keys
 from tllab.loggers import ResultsFile, WandbRun, write_json_atomic
 from tllab.models import Classifier, create_backbone
+from tllab.models.pretrained import load_head_checkpoint
 from tllab.nn import convert_sync_batchnorm
 from tllab.optim import build_optimizer, build_scheduler, lr_factor
 from tllab.plugin import Plugin, SetupContext, StepOutput, build_plugins, overrides_forward
@@ -75,6 +76,8 @@ def build_model(cfg: TrainConfig, plugins: Iterable[Plugin]) -> nn.Module:
     model: nn.Module = Classifier(
         create_backbone(cfg.backbone.library, cfg.backbone.name, cfg.backbone.pretrained, **cfg.backbone.kwargs),
         cfg.dataset.num_classes, cfg.backbone.bottleneck_dim)
+    if cfg.backbone.load_head and cfg.backbone.pretrained:  # (analysis rebuilds without pretrained weights)
+        load_head_checkpoint(model, cfg.backbone.pretrained)
     for plugin in plugins:
         model = plugin.transform_model(model)
     return model

@@ -91,3 +91,22 @@ def load_backbone_checkpoint(backbone: nn.Module, path: str | Path) -> None:
             f"{len(mismatched)} with other shapes (e.g. {mismatched[:3]}). Use a checkpoint of the same backbone."
         )
     backbone.load_state_dict(state)
+
+
+def load_head_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load a tllab checkpoint's ``bottleneck.*`` and ``head.*`` into a Classifier (shapes must
+    match: the same ``backbone.bottleneck_dim`` and number of classes)."""
+    obj = load_checkpoint(Path(path).expanduser(), "The file is corrupt or not a torch checkpoint: set "
+                                                   "backbone.pretrained to a tllab checkpoint.")
+    parts = ("bottleneck.", "head.")
+    saved = obj.get("model", {}) if isinstance(obj, Mapping) else {}
+    state = {k: v for k, v in saved.items() if k.startswith(parts)}
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(parts)}
+    if state.keys() != own.keys() or any(state[k].shape != v.shape for k, v in own.items()):
+        raise CheckpointError(
+            f"backbone.load_head=true: the head of {str(path)!r} ({sorted(state)}, "
+            f"{[tuple(v.shape) for v in state.values()]}) does not fit this model ({sorted(own)}, "
+            f"{[tuple(v.shape) for v in own.values()]}); use the checkpoint's backbone.bottleneck_dim and "
+            "dataset.num_classes, or drop backbone.load_head.")
+    model.load_state_dict(state, strict=False)
+
