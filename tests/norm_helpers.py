@@ -46,3 +46,17 @@ def check_bfloat16_under_float32_parameters(layer: nn.Module) -> None:
     y.float().square().sum().backward()
     assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
     assert layer.weight.grad.dtype == torch.float32
+
+
+def assert_shards_match(ranks: list[dict], split: tuple[int, ...], outs: list, ref: nn.Module) -> None:
+    """Each rank's outputs and input gradients equal its slice of one process's on the whole batch,
+    and its running statistics equal that process's (within 1e-10)."""
+    lo = 0
+    for r, n in enumerate(split):
+        got = ranks[r][split]
+        for (y, dx), (y_ref, dx_ref) in zip(got["outs"], outs):
+            torch.testing.assert_close(y, y_ref[lo:lo + n], atol=1e-10, rtol=0)
+            torch.testing.assert_close(dx, dx_ref[lo:lo + n], atol=1e-10, rtol=0)
+        torch.testing.assert_close(got["mean"], ref.running_mean, atol=1e-10, rtol=0)
+        torch.testing.assert_close(got["var"], ref.running_var, atol=1e-10, rtol=0)
+        lo += n

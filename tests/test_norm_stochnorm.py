@@ -12,7 +12,14 @@ from torch import nn
 
 from tests.conftest import FAST, compose_config
 from tests.dist_helpers import run_gloo
-from tests.norm_helpers import BACKBONES, check_bfloat16_under_float32_parameters, make_data, random_batchnorm, step
+from tests.norm_helpers import (
+    BACKBONES,
+    assert_shards_match,
+    check_bfloat16_under_float32_parameters,
+    make_data,
+    random_batchnorm,
+    step,
+)
 from tllab.errors import ConfigError
 from tllab.models import Classifier, create_backbone
 from tllab.nn import convert_sync_batchnorm
@@ -225,16 +232,7 @@ def test_sync_stochnorm_on_two_ranks_equals_one_process_on_the_whole_batch(tmp_p
             outs.append(step(ref, *make_data(100 + i, C)))
         for a, b in zip(ranks[0][split]["masks"], ranks[1][split]["masks"]):
             assert torch.equal(a, b)  # every rank draws the same masks
-        lo = 0
-        for r in range(2):
-            got = ranks[r][split]
-            sl = slice(lo, lo + split[r])
-            lo += split[r]
-            for (y, dx), (y_ref, dx_ref) in zip(got["outs"], outs):
-                torch.testing.assert_close(y, y_ref[sl], atol=1e-10, rtol=0)
-                torch.testing.assert_close(dx, dx_ref[sl], atol=1e-10, rtol=0)
-            torch.testing.assert_close(got["mean"], ref.running_mean, atol=1e-10, rtol=0)
-            torch.testing.assert_close(got["var"], ref.running_var, atol=1e-10, rtol=0)
+        assert_shards_match(ranks, split, outs, ref)
         for name in ("weight", "bias"):  # data-parallel training sums the per-rank parameter gradients
             total = ranks[0][split][name] + ranks[1][split][name]
             torch.testing.assert_close(total, getattr(ref, name).grad, atol=1e-10, rtol=0)
