@@ -30,6 +30,14 @@ def test_job_id_ignores_order_spelling_and_result_neutral_keys():
     assert re.fullmatch(r"[0-9a-f]{12}", base)
 
 
+@pytest.mark.parametrize("jid", ["6932913849e8", "123456789012", "0e00000000ab", "abcdef012345"])
+def test_job_dirs_keep_ids_that_look_like_numbers(jid):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    (override,) = OverridesParser.create().parse_overrides([sweep.subdir_override(jid)])
+    assert override.value() == jid
+
+
 def test_plan_merges_jobs_into_the_manifest(tmp_path: Path):
     first = plan(tmp_path, [["seed=0"], ["seed=1"], ["seed=0"]])  # a duplicate is one job
     assert [j.overrides for j in first] == [["seed=0"], ["seed=1"]]

@@ -66,6 +66,12 @@ def job_id(overrides: Sequence[str]) -> str:
     return hashlib.sha1(json.dumps(canonical_overrides(overrides)).encode()).hexdigest()[:12]
 
 
+def subdir_override(jid: str) -> str:
+    """The override that puts a job in ``<sweep dir>/<id>``; quoted, because an id such as
+    ``6932913849e8`` would otherwise be read as the float 6.932913849e+17."""
+    return f"hydra.sweep.subdir='{jid}'"
+
+
 @dataclass
 class Job:
     """One job of a sweep: its overrides and its run dir ``<sweep dir>/<id>``."""

@@ -20,7 +20,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from tllab.sweep import format_jobs, plan
+from tllab.sweep import format_jobs, plan, subdir_override
 
 log = logging.getLogger("tllab")
 
@@ -60,7 +60,7 @@ class TllabSweeper(Sweeper):
                  len(todo))
         # W&B groups a sweep's runs together unless the config names a group.
         group = [] if self.config.logger.group else [f"logger.group={sweep_dir.name}"]
-        batch = [[*job.overrides, *group, f"hydra.sweep.subdir={job.id}"] for job in todo]
+        batch = [[*job.overrides, *group, subdir_override(job.id)] for job in todo]
         if not batch:
             return []
         self.validate_batch_is_legal(batch)  # a bad grid fails here, before any job runs
