@@ -6,12 +6,14 @@ cd "$(dirname "$0")/.."
 ${TLLAB_BIN:-.venv/bin}/tllab-train experiment=digits_pretrain trainer.quiet=true \
     hydra.run.dir=outputs/pretrained/digits_mnist
 # Rows outside the grid join the same sweep dir (command-line values replace the grid's): scratch (random
-# init, no regularizer), and EfficientNet-Lite0 at 64 px from its ImageNet weights vs from scratch.
+# init, no regularizer), fine-tuning the whole source model (its head too: the classes are the same), and
+# EfficientNet-Lite0 at 64 px from its ImageNet weights vs from scratch.
 sweep() {
     ${TLLAB_BIN:-.venv/bin}/tllab-sweep launch outputs/sweeps/table_digits_finetune experiment=table_digits_finetune \
         regularizer=none "$@" || echo "some jobs failed; the report lists them"
 }
 sweep backbone.pretrained=null "$@"
+sweep backbone.load_head=true "label='fine-tune (source head)'" "$@"
 sweep backbone=efficientnet_lite0 backbone.pretrained=imagenet dataset.image_size=64 \
     "label='efficientnet-lite0 imagenet'" "$@"
 sweep backbone=efficientnet_lite0 backbone.pretrained=null dataset.image_size=64 \

@@ -52,14 +52,18 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def claim_run_dir(run_dir: Path, resolved: dict[str, Any]) -> None:
     """Write ``config.yaml`` into a new run dir; for a started one (checkpoint or ``done``), keep
-    its config and refuse a new config that differs in a key that matters."""
+    its config and refuse a new config that differs in a key that matters (a key newer than the
+    saved config counts as its default)."""
     saved_file = run_dir / "config.yaml"
     started = (run_dir / "checkpoints" / "last.pt").exists() or (run_dir / "done").exists()
     if not (started and saved_file.exists()):
         run_dir.mkdir(parents=True, exist_ok=True)
         saved_file.write_text(OmegaConf.to_yaml(resolved))
         return
-    saved, new = flatten(yaml.safe_load(saved_file.read_text())), flatten(resolved)
+    # A key the saved config lacks (added to tllab since) had its default value then.
+    defaults = flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig), enum_to_str=True))
+    saved = {**defaults, **flatten(yaml.safe_load(saved_file.read_text()))}
+    new = flatten(resolved)
     diff = [f"{k}: {saved.get(k, '<unset>')} -> {new.get(k, '<unset>')}" for k in sorted(saved.keys() | new.keys())
             if saved.get(k) != new.get(k) and not k.startswith(RESUMABLE_KEYS)]
     if diff:
