@@ -26,7 +26,7 @@ class _DomainNormFunction(torch.autograd.Function):
     :math:`\hat x` the instance-normalized input and :math:`r = \max(\lVert \hat x \rVert_C, 10^{-12})` per pixel.
 
     Forward: instance statistics and :math:`\hat x` with PyTorch's fused BatchNorm kernels on
-    :math:`(1, N C, H W)`, :math:`r` as one vector-norm reduction over channels, then two elementwise passes.
+    :math:`(1, N C, H W)`, :math:`r^2` as a dot product over channels, then two elementwise passes.
     Backward, with :math:`u = \hat x / r`: the fused evaluation-mode BatchNorm backward gives
     :math:`w\,dy`, :math:`\sum dy\,u` and :math:`\sum dy` per channel;
     :math:`d\hat x = (w\,dy - u \sum_C w\,dy\,u) / r` (no projection where the norm was clamped),
@@ -38,7 +38,7 @@ class _DomainNormFunction(torch.autograd.Function):
         xv = x.reshape(1, -1, x.shape[2])  # one "channel" per sample and channel
         mean, var = torch.batch_norm_update_stats(xv, None, None, 0.0)
         u = torch.batch_norm(xv, None, None, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled).view(x.shape)
-        norm = torch.linalg.vector_norm(u, dim=1, keepdim=True)  # one fused reduction, no product tensor
+        norm = torch.linalg.vecdot(u, u, dim=1).sqrt_().unsqueeze(1)
         clamped = norm < _L2_EPS
         inv_norm = norm.clamp_min_(_L2_EPS).reciprocal_()
         u.mul_(inv_norm)
