@@ -60,3 +60,11 @@ def assert_shards_match(ranks: list[dict], split: tuple[int, ...], outs: list, r
         torch.testing.assert_close(got["mean"], ref.running_mean, atol=1e-10, rtol=0)
         torch.testing.assert_close(got["var"], ref.running_var, atol=1e-10, rtol=0)
         lo += n
+
+
+def styled_features(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """float64 feature maps whose instances and channels each have their own scale and shift."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(shape[0], shape[1], 1, 1, generator=g, dtype=torch.float64) * 3 + 0.5
+    shift = torch.randn(shape[0], shape[1], 1, 1, generator=g, dtype=torch.float64) * 2
+    return torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift

@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.conftest import compose_config
+from tests.norm_helpers import styled_features
 from tllab.errors import ConfigError
 from tllab.models import Classifier, create_backbone
 from tllab.norm.cnsn import (
@@ -26,11 +27,8 @@ from tllab.plugin import SetupContext, build_plugins
 from tllab.trainer import build_model
 
 
-def features(shape=(6, 4, 7, 8), seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    scale = torch.rand(shape[0], shape[1], 1, 1, generator=g, dtype=torch.float64) * 3 + 0.5
-    shift = torch.randn(shape[0], shape[1], 1, 1, generator=g, dtype=torch.float64) * 2
-    return torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift
+def features(shape: tuple[int, ...] = (6, 4, 7, 8), seed: int = 0) -> torch.Tensor:
+    return styled_features(shape, seed)
 
 
 def stats(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:

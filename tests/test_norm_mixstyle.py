@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.conftest import compose_config
+from tests.norm_helpers import styled_features
 from tllab.errors import ConfigError
 from tllab.models import Classifier, create_backbone
 from tllab.norm import mixstyle
@@ -19,11 +20,8 @@ from tllab.plugin import build_plugins
 from tllab.trainer import build_model
 
 
-def features(shape=(8, 4, 5, 6), seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    scale = torch.rand(shape[0], shape[1], 1, 1, generator=g, dtype=torch.float64) * 3 + 0.5
-    shift = torch.randn(shape[0], shape[1], 1, 1, generator=g, dtype=torch.float64) * 2
-    return torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift
+def features(shape: tuple[int, ...] = (8, 4, 5, 6), seed: int = 0) -> torch.Tensor:
+    return styled_features(shape, seed)
 
 
 def stats(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
