@@ -6,13 +6,16 @@ of the backbone. It keeps no running statistics and behaves the same in training
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from numba import prange
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tllab.errors import ConfigError
+from tllab.nn.fused import cpu_kernel, fusable
 from tllab.norm.placement import replace_batchnorm
 from tllab.plugin import Plugin
 
@@ -21,45 +24,98 @@ __all__ = ["DomainNorm", "DomainNormStrategy"]
 _L2_EPS = 1e-12  # F.normalize's clamp of the norm
 
 
-class _DomainNormFunction(torch.autograd.Function):
-    r"""DomainNorm with L2 on ``x`` seen as :math:`(N, C, H W)`: :math:`y = w\,\hat x / r + b`, with
-    :math:`\hat x` the instance-normalized input and :math:`r = \max(\lVert \hat x \rVert_C, 10^{-12})` per pixel.
+def _forward_loop(x, weight, bias, eps, y, mean, invstd, norm):
+    """Per sample n (its maps stay in cache): instance statistics, the per-pixel L2 norm of the
+    normalized channel vector, then y. x, y: (N, C, P); mean, invstd: (N, C); norm: (N, P)."""
+    n_batch, channels, positions = x.shape
+    for n in prange(n_batch):
+        r2 = np.zeros(positions, dtype=x.dtype)
+        for c in range(channels):
+            xr = x[n, c]
+            total = 0.0
+            for p in range(positions):
+                total += xr[p]
+            m = total / positions
+            sq = 0.0
+            for p in range(positions):
+                sq += (xr[p] - m) * (xr[p] - m)
+            inv = 1.0 / np.sqrt(sq / positions + eps)
+            mean[n, c], invstd[n, c] = m, inv
+            for p in range(positions):
+                h = (xr[p] - m) * inv
+                r2[p] += h * h
+        rinv = np.empty(positions, dtype=x.dtype)
+        for p in range(positions):
+            norm[n, p] = np.sqrt(r2[p])
+            rinv[p] = 1.0 / max(norm[n, p], _L2_EPS)
+        for c in range(channels):
+            xr, yr = x[n, c], y[n, c]
+            m, k, b = mean[n, c], invstd[n, c] * weight[c], bias[c]
+            for p in range(positions):
+                yr[p] = (xr[p] - m) * k * rinv[p] + b
 
-    Forward: instance statistics and :math:`\hat x` with PyTorch's fused BatchNorm kernels on
-    :math:`(1, N C, H W)`, :math:`r^2` as a dot product over channels, then two elementwise passes.
-    Backward, with :math:`u = \hat x / r`: the fused evaluation-mode BatchNorm backward gives
-    :math:`w\,dy`, :math:`\sum dy\,u` and :math:`\sum dy` per channel;
-    :math:`d\hat x = (w\,dy - u \sum_C w\,dy\,u) / r` (no projection where the norm was clamped),
-    and the fused training-mode backward takes it through the instance normalization.
-    """
+
+def _backward_loop(dy, x, weight, mean, invstd, norm, dx, dweight, dbias):
+    """Per sample n: dweight, dbias (per sample, (N, C)), the per-pixel projection
+    sum_c w dy u, d xhat = (w dy - u sum_c w dy u) / r, then back through the instance normalization."""
+    n_batch, channels, positions = x.shape
+    for n in prange(n_batch):
+        rinv = np.empty(positions, dtype=x.dtype)
+        along = np.zeros(positions, dtype=x.dtype)
+        for p in range(positions):
+            rinv[p] = 1.0 / max(norm[n, p], _L2_EPS)
+        for c in range(channels):
+            xr, gr = x[n, c], dy[n, c]
+            m, inv, w = mean[n, c], invstd[n, c], weight[c]
+            sw, sb = 0.0, 0.0
+            for p in range(positions):
+                u = (xr[p] - m) * inv * rinv[p]
+                sw += gr[p] * u
+                sb += gr[p]
+                along[p] += w * gr[p] * u
+            dweight[n, c], dbias[n, c] = sw, sb
+        for p in range(positions):
+            if norm[n, p] < _L2_EPS:  # clamped norm: a constant divisor, no projection
+                along[p] = 0.0
+        for c in range(channels):
+            xr, gr, dr = x[n, c], dy[n, c], dx[n, c]
+            m, inv, w = mean[n, c], invstd[n, c], weight[c]
+            s1, s2 = 0.0, 0.0
+            for p in range(positions):
+                xh = (xr[p] - m) * inv
+                g = rinv[p] * (w * gr[p] - xh * rinv[p] * along[p])
+                dr[p] = g
+                s1 += g
+                s2 += g * xh
+            s1, s2 = s1 / positions, s2 / positions
+            for p in range(positions):
+                dr[p] = inv * (dr[p] - s1 - (xr[p] - m) * inv * s2)
+
+
+_forward_kernel, _backward_kernel = cpu_kernel(_forward_loop), cpu_kernel(_backward_loop)
+
+
+class _FusedDomainNorm(torch.autograd.Function):
+    """DomainNorm on contiguous float CPU tensors :math:`(N, C, P)` with the fused kernels above:
+    one read of the input per sample in the forward and two in the backward (the input is saved, the
+    intermediate maps are recomputed), against about ten passes for the PyTorch composition."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-        xv = x.reshape(1, -1, x.shape[2])  # one "channel" per sample and channel
-        mean, var = torch.batch_norm_update_stats(xv, None, None, 0.0)
-        u = torch.batch_norm(xv, None, None, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled).view(x.shape)
-        norm = torch.linalg.vecdot(u, u, dim=1).sqrt_().unsqueeze(1)
-        clamped = norm < _L2_EPS
-        inv_norm = norm.clamp_min_(_L2_EPS).reciprocal_()
-        u.mul_(inv_norm)
-        ctx.save_for_backward(xv, mean, var, u, inv_norm, clamped, weight)
-        ctx.eps = eps
-        return torch.addcmul(bias.view(1, -1, 1), u, weight.view(1, -1, 1)).to(u.dtype)  # x's dtype, as BatchNorm
+        n, c, positions = x.shape
+        y, norm = torch.empty_like(x), x.new_empty(n, positions)
+        mean, invstd = x.new_empty(n, c), x.new_empty(n, c)
+        _forward_kernel(x, weight, bias, eps, y, mean, invstd, norm)
+        ctx.save_for_backward(x, weight, mean, invstd, norm)
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor):
-        xv, mean, var, u, inv_norm, clamped, weight = ctx.saved_tensors
-        # w dy, sum(dy * u) and sum(dy) per channel (BatchNorm backward with mean 0, variance 1, eps 0)
-        w_dy, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
-            dy.contiguous(), u, weight, torch.zeros_like(weight), torch.ones_like(weight), None, None, False, 0.0,
-            [True, True, True])
-        along_u = torch.linalg.vecdot(w_dy, u, dim=1).unsqueeze(1).masked_fill_(clamped, 0.0)
-        d_xhat = w_dy.addcmul_(u, along_u, value=-1.0).mul_(inv_norm)
-        dx = torch.ops.aten.native_batch_norm_backward(
-            d_xhat.view(xv.shape), xv, None, None, None, mean, torch.rsqrt(var + ctx.eps), True, ctx.eps,
-            [True, False, False])[0]
-        return dx.view(u.shape), dweight, dbias, None
+        x, weight, mean, invstd, norm = ctx.saved_tensors
+        dx, dweight, dbias = torch.empty_like(x), torch.empty_like(mean), torch.empty_like(mean)
+        _backward_kernel(dy.contiguous(), x, weight, mean, invstd, norm, dx, dweight, dbias)
+        return dx, dweight.sum(0), dbias.sum(0), None
 
 
 class DomainNorm(nn.Module):
@@ -76,6 +132,10 @@ class DomainNorm(nn.Module):
     InstanceNorm. No running statistics: training and evaluation are identical, each sample is
     normalized on its own. Since the L2 step divides by about :math:`\sqrt{C}`, the affine
     starts at :math:`w = 1, b = 0` (as in DSMNet) rather than at a replaced BatchNorm's values.
+
+    On float32/float64 CPU tensors forward and backward are fused kernels (one pass per sample,
+    :mod:`tllab.nn.fused`); elsewhere (CUDA, bfloat16 under autocast) it is the PyTorch
+    expression ``F.normalize(F.instance_norm(x), dim=1) * w + b``, with the same numbers.
 
     Needs more than one spatial position (InstanceNorm raises ``ValueError`` on 1x1 inputs, in
     evaluation too); use larger images (``dataset.image_size=64``) for a ResNet's last stage.
@@ -116,8 +176,11 @@ class DomainNorm(nn.Module):
                              f"{tuple(x.shape)}; use larger images (e.g. dataset.image_size=64)")
         if not self.l2:
             return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
-        y = _DomainNormFunction.apply(x.reshape(x.shape[0], x.shape[1], -1), self.weight, self.bias, self.eps)
-        return y.view(x.shape)
+        if fusable(x, self.weight, self.bias):
+            flat = x.contiguous().view(x.shape[0], x.shape[1], -1)
+            return _FusedDomainNorm.apply(flat, self.weight, self.bias, self.eps).view(x.shape)
+        u = F.normalize(F.instance_norm(x, eps=self.eps), p=2, dim=1, eps=_L2_EPS)
+        return torch.addcmul(self.bias.view(1, -1, 1, 1), u, self.weight.view(1, -1, 1, 1)).to(x.dtype)
 
 
 class DomainNormStrategy(Plugin):

@@ -22,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from tllab.errors import ConfigError
 from tllab.nn.batchnorm import batch_stats, check_count, copy_batchnorm, synced, update_running_stats
+from tllab.nn.fused import channel_affine2
 from tllab.norm.placement import replace_batchnorm
 from tllab.plugin import Plugin, SetupContext
 
@@ -41,11 +42,10 @@ class _MixedStatsNorm(torch.autograd.Function):
 
     Both branches are per-channel affine maps of ``x``, so the forward is one fused
     evaluation-mode BatchNorm pass with the selected statistics (never two full branches mixed).
-    The backward is PyTorch's fused training-mode BatchNorm backward with the weight zeroed on the
-    running-statistics channels, plus :math:`\gamma / \sqrt{\sigma^2 + \epsilon}\,dy` there: one
-    elementwise pass more than BatchNorm. With ``sync`` the batch statistics span all ranks of
-    ``group`` (``count`` values): the local gradient sums are all-reduced and the per-channel
-    difference between global and local terms added.
+    So is the backward given two per-channel sums (:math:`\sum dy`, :math:`\sum dy\,\hat x`):
+    PyTorch's fused BatchNorm backward reduces them, then :func:`tllab.nn.fused.channel_affine2`
+    writes :math:`dx` in one pass, as many passes as BatchNorm's backward. With ``sync`` the batch
+    statistics span all ranks of ``group`` (``count`` values) and the sums are all-reduced first.
     """
 
     @staticmethod
@@ -61,28 +61,23 @@ class _MixedStatsNorm(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, weight, mean, invstd, use_batch = ctx.saved_tensors
         c = x.shape[1]
-        shape = (1, c) + (1,) * (x.dim() - 2)
-        w = weight if weight is not None else torch.ones_like(invstd)
-        gate = use_batch.to(w.dtype)
-        n = x.numel() // c
-        # dx = w * invstd * (dy - sum(dy) / n - xhat * sum(dy * xhat) / n) on batch channels, 0 elsewhere;
-        # dw = sum(dy * xhat) and db = sum(dy) on every channel.
-        if n:
-            dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-                dy.contiguous(memory_format=_channels_last(x)), x, w * gate, None, None, mean, invstd, True, ctx.eps,
-                [True, True, True])
-        else:  # a rank without samples under sync (the fused CPU kernel divides by n)
-            dx, dw, db = torch.zeros_like(x), invstd.new_zeros(c), invstd.new_zeros(c)
+        if x.numel():  # sum(dy) and sum(dy * xhat) per channel: the fused BatchNorm backward's reductions only
+            _, dw, db = torch.ops.aten.native_batch_norm_backward(
+                dy.contiguous(memory_format=_channels_last(x)), x, None, None, None, mean, invstd, True, ctx.eps,
+                [False, True, True])
+        else:  # a rank without samples under sync
+            dw = db = invstd.new_zeros(c)
+        sums = torch.cat([db, dw])
         if ctx.sync:
-            # Global sums and count instead of the local ones: add w * invstd * (u + xhat * v) = a + b * x.
-            sums = torch.cat([db, dw]).double()
+            sums = sums.double()
             dist.all_reduce(sums, group=ctx.group)
-            u = (db.double() / n if n else 0) - sums[:c] / ctx.count
-            v = (dw.double() / n if n else 0) - sums[c:] / ctx.count
-            b = (gate * w * invstd * invstd * v).to(invstd.dtype)
-            a = (gate * w * invstd * u).to(invstd.dtype) - b * mean
-            dx.add_(a.view(shape)).addcmul_(x, b.view(shape))
-        dx.addcmul_(dy, ((1 - gate) * w * invstd).view(shape))
+        u, v = sums[:c] / ctx.count, sums[c:] / ctx.count
+        # dx = w invstd (dy - g u - g xhat v), g = 1 on batch-statistics channels: one pass over (dy, x).
+        scale = (weight if weight is not None else 1.0) * invstd
+        gated = use_batch.to(invstd.dtype) * scale
+        slope = (-gated * invstd * v).to(invstd.dtype)
+        shift = (-gated * (u - mean * invstd * v)).to(invstd.dtype)
+        dx = channel_affine2(dy, x, scale, slope, shift).to(x.dtype) if x.numel() else torch.zeros_like(x)
         if weight is None:
             dw = db = None
         return dx, dw, db, None, None, None, None, None, None, None
