@@ -41,3 +41,12 @@ def test_fusable_needs_one_float_dtype_on_the_cpu():
     x = torch.zeros(2)
     assert fusable(x, x.double()) is False and fusable(x.bfloat16()) is False
     assert fusable(x, torch.ones(3)) and fusable(x.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_channel_affine2_with_per_instance_coefficients(dtype):
+    g = torch.Generator().manual_seed(2)
+    a, b = (torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    s, t, u = (torch.randn(3, 4, 1, 1, generator=g, dtype=torch.float64).to(dtype) for _ in range(3))
+    torch.testing.assert_close(channel_affine2(a, b, s, t, u), s * a + t * b + u,
+                               atol=1e-12 if dtype == torch.float64 else 1e-5, rtol=0)

@@ -52,12 +52,12 @@ def cpu_kernel(fn: Callable[..., None]) -> Callable[..., None]:
 
 
 def _channel_affine2_loop(a, b, s, t, u, out):
-    """out[n, c, p] = s[c] a[n, c, p] + t[c] b[n, c, p] + u[c]"""
+    """out[n, c, p] = s[n, c] a[n, c, p] + t[n, c] b[n, c, p] + u[n, c]"""
     n_batch, channels, positions = a.shape
     for n in prange(n_batch):
         for c in range(channels):
             ar, br, o = a[n, c], b[n, c], out[n, c]
-            sc, tc, uc = s[c], t[c], u[c]
+            sc, tc, uc = s[n, c], t[n, c], u[n, c]
             for p in range(positions):
                 o[p] = sc * ar[p] + tc * br[p] + uc
 
@@ -66,12 +66,13 @@ _channel_affine2 = cpu_kernel(_channel_affine2_loop)
 
 
 def channel_affine2(a: Tensor, b: Tensor, s: Tensor, t: Tensor, u: Tensor) -> Tensor:
-    r"""Per-channel linear combination of two tensors in one pass:
-    :math:`y_{nc\ldots} = s_c\, a_{nc\ldots} + t_c\, b_{nc\ldots} + u_c`.
+    r"""Per-channel (or per-instance and channel) linear combination of two tensors in one pass:
+    :math:`y_{nc\ldots} = s_{nc}\, a_{nc\ldots} + t_{nc}\, b_{nc\ldots} + u_{nc}`.
 
     Args:
         a, b: :math:`(N, C, *)`, same shape.
-        s, t, u: :math:`(C,)`.
+        s, t, u: :math:`(C,)` (the same for every instance) or :math:`(N, C, *)` with singleton
+            trailing dimensions (e.g. :math:`(N, C, 1, 1)` instance statistics).
 
     Returns:
         :math:`(N, C, *)`, contiguous.
@@ -81,11 +82,13 @@ def channel_affine2(a: Tensor, b: Tensor, s: Tensor, t: Tensor, u: Tensor) -> Te
         >>> channel_affine2(a, b, torch.tensor([1.0, 0, 0]), torch.tensor([0, 1.0, 0]), torch.ones(3))[0, :, 0]
         tensor([2., 3., 1.])
     """
-    shape = (1, -1) + (1,) * (a.dim() - 2)
+    n, c = a.shape[:2]
+    s, t, u = (k.reshape(-1, c).expand(n, c) for k in (s, t, u))
     if not fusable(a, b, s, t, u):
-        return torch.addcmul(torch.addcmul(u.view(shape), b, t.view(shape)), a, s.view(shape)).contiguous()
+        shape = (n, c) + (1,) * (a.dim() - 2)
+        return torch.addcmul(torch.addcmul(u.reshape(shape), b, t.reshape(shape)), a, s.reshape(shape)).contiguous()
     a, b = a.contiguous(), b.contiguous()
     out = torch.empty_like(a)
-    view = (a.shape[0], a.shape[1], -1)
-    _channel_affine2(a.view(view), b.view(view), s.contiguous(), t.contiguous(), u.contiguous(), out.view(view))
+    view = (n, c, -1)
+    _channel_affine2(a.view(view), b.view(view), *(k.contiguous() for k in (s, t, u)), out.view(view))
     return out

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from tllab.errors import ConfigError
+from tllab.nn.fused import channel_affine2
 from tllab.norm.mixstyle import instance_stats, sample_beta
 from tllab.norm.placement import attach_after, resolve_stages, stage_channels, stages
 from tllab.plugin import Plugin, SetupContext
@@ -78,7 +79,7 @@ class _StatsAffine(torch.autograd.Function):
 
     Autograd through the statistics and an affine map costs several passes over the map in
     backward (and one more to add the two gradients of ``x``); here the small ``fn`` graph is
-    differentiated by autograd and the big tensors take one reduction pass and two fused passes:
+    differentiated by autograd and the big tensors take one reduction pass and one fused pass:
     :math:`g_a = \\sum_{hw} g\\,x`, :math:`g_b = \\sum_{hw} g`,
     :math:`dx = g\\,a + g_\\mu / n + g_\\sigma (x - \\mu) / ((n - 1) \\sigma)`.
     ``extras`` are every tensor ``fn`` needs gradients for (parameters, statistics of other
@@ -115,8 +116,7 @@ class _StatsAffine(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             n = x.shape[2] * x.shape[3]
             per_x = g_std / (std * max(n - 1, 1))
-            dx = torch.addcmul((g_mean / n - per_x * mean).to(x.dtype), x, per_x.to(x.dtype))
-            dx.addcmul_(g, a.detach().to(x.dtype))
+            dx = channel_affine2(g, x, *(k.to(x.dtype) for k in (a.detach(), per_x, g_mean / n - per_x * mean)))
         by_id = {id(e): d for e, d in zip(wanted, g_wanted)}
         return dx, None, None, *(by_id.get(id(e)) for e in extras)
 
