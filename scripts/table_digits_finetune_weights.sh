@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Regularizer weight sensitivity, embedded digits fine-tuning (mnist-pretrained CNN -> mnistm, 5 labels
+# per class, 3 seeds): each regularizer at 0.1x, 1x and 10x its default weight beside plain fine-tuning
+# -> docs/results/digits_finetune_weights/. Run scripts/table_digits_finetune.sh first (pretrained model).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${TLLAB_BIN:-.venv/bin}
+dir=outputs/sweeps/table_digits_finetune_weights
+sweep() {
+    $BIN/tllab-sweep launch $dir experiment=table_digits_finetune dataset.labels_per_class=5 "$@" \
+        || echo "some jobs failed; the report lists them"
+}
+sweep regularizer=none "$@"
+sweep regularizer=l2 regularizer.l2.weight=0.001,0.01,0.1 "$@"
+sweep regularizer=l2sp regularizer.l2sp.backbone_weight=0.001,0.01,0.1 "$@"
+sweep regularizer=delta regularizer.delta.weight=0.001,0.01,0.1 "$@"
+sweep regularizer=bss regularizer.bss.weight=0.0001,0.001,0.01 "$@"
+sweep regularizer=lwf regularizer.lwf.weight=0.4,4,40 "$@"
+sweep regularizer=co_tuning regularizer.co_tuning.weight=0.23,2.3,23 "$@"
+sweep regularizer=bi_tuning regularizer.bi_tuning.weight=0.1,1,10 "$@"
+$BIN/tllab-report $dir --out docs/results/digits_finetune_weights --selection last,target_val \
+    --note "Regenerate with \`scripts/table_digits_finetune_weights.sh\` (runs only the jobs not done yet, then this report)."
