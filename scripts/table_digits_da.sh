@@ -1,3 +1,8 @@
 #!/usr/bin/env bash
 # Domain adaptation table, embedded digits (mnist -> mnistm, uci; 3 seeds) -> docs/results/digits_da/.
-exec "$(dirname "$0")/table.sh" table_digits_da last,source_val,oracle "$@"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# An ablation row outside the grid joins the same sweep dir: AFN's bottleneck and head without its loss.
+${TLLAB_BIN:-.venv/bin}/tllab-sweep launch outputs/sweeps/table_digits_da experiment=table_digits_da \
+    norm=afn norm.afn.weight=0 "label='afn head, no AFN loss'" "$@" || echo "some jobs failed; the report lists them"
+exec scripts/table.sh table_digits_da last,source_val,oracle "$@"
