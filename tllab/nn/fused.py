@@ -10,7 +10,6 @@ tensors; every caller keeps a PyTorch expression of the same math for other devi
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import cache
 from typing import Any
 
 import numba
@@ -33,19 +32,17 @@ def fusable(*tensors: Tensor) -> bool:
 
 
 def cpu_kernel(fn: Callable[..., None]) -> Callable[..., None]:
-    """Compile ``fn`` with numba on first call (parallel, cached) and run it on torch's thread count.
+    """``fn`` compiled by numba (lazily, on its first call; parallel, cached on disk), run on
+    torch's thread count.
 
     Arguments are passed as they are, except tensors, which become NumPy views (no copy; they must
     be contiguous CPU tensors).
     """
-
-    @cache
-    def compiled() -> Any:
-        return numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)(fn)
+    kernel = numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)(fn)
 
     def run(*args: Any) -> None:
         numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-        compiled()(*(a.detach().numpy() if isinstance(a, Tensor) else a for a in args))
+        kernel(*(a.detach().numpy() if isinstance(a, Tensor) else a for a in args))
 
     run.__doc__, run.__name__ = fn.__doc__, fn.__name__
     return run
