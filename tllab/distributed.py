@@ -7,6 +7,8 @@ method written with them runs the same way on one CPU and on many GPUs:
 - :func:`all_reduce_sum` — sum a tensor over ranks (counts, statistics, gradients);
 - :func:`all_gather_cat` — concatenate per-rank tensors whose first dimension may differ
   (features of uneven batches, a MoCo-style queue update);
+- :func:`all_gather_stack` — stack every rank's same-shaped tensor, with gradients flowing back
+  to each rank's input (batch statistics merged over ranks);
 - :func:`all_gather_objects` — every rank's picklable object (per-rank RNG states);
 - :func:`broadcast_object` — compute something once on rank 0 and share it (Co-Tuning's
   relationship, LwF's teacher outputs, DELTA's channel attention);
@@ -24,6 +26,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+# Imported before any process group exists: its functions take ``group.WORLD`` as a default argument,
+# evaluated at import, so a first import after init_process_group would keep that group (and its gloo
+# threads) alive past destroy_process_group, and about one 2-process run in five aborts at exit.
+import torch.distributed.nn  # noqa: F401
 from torch import Tensor
 
 
@@ -88,6 +95,33 @@ def all_gather_cat(t: Tensor) -> Tensor:
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+class _AllGatherStack(torch.autograd.Function):
+    """Forward: every rank's ``t`` stacked in rank order. Backward: the gradient of rank ``r``'s input
+    is the sum over ranks of their gradients w.r.t. slot ``r``, hence one all-reduce."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[dist.get_rank(ctx.group)], None
+
+
+def all_gather_stack(t: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """Every rank's ``t`` (same shape on all ranks) stacked along a new dim 0 in rank order,
+    differentiable: gradients reach each rank's input. ``t[None]`` in one process.
+    (``torch.distributed.nn.functional.all_gather`` is deprecated.)"""
+    if not dist_is_initialized() or dist.get_world_size(group) == 1:
+        return t[None]
+    return _AllGatherStack.apply(t, group)
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

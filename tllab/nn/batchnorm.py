@@ -8,6 +8,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from tllab.distributed import all_gather_stack
+
 
 def batch_stats(x: Tensor, process_group: dist.ProcessGroup | None = None) -> tuple[Tensor, Tensor, int]:
     r"""Per-channel mean and biased variance of ``x`` over the batch and spatial dimensions of all
@@ -43,11 +45,9 @@ def batch_stats(x: Tensor, process_group: dist.ProcessGroup | None = None) -> tu
         mean = var = x.sum(dims)  # zeros that keep the graph
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(process_group) == 1:
         return mean, var, n
-    from torch.distributed.nn.functional import all_gather
-
     local = torch.cat([x.new_full((1,), float(n)), mean, var * n])
     c = x.shape[1]
-    parts = torch.stack(all_gather(local, group=process_group or dist.group.WORLD))
+    parts = all_gather_stack(local, process_group)
     counts, means, m2 = parts[:, :1], parts[:, 1:1 + c], parts[:, 1 + c:]
     total = counts.sum()
     mean = (counts * means).sum(0) / total
