@@ -47,8 +47,9 @@ def rank() -> int:
     return dist.get_rank() if dist_is_initialized() else 0
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist_is_initialized() else 1
+def world_size(group: dist.ProcessGroup | None = None) -> int:
+    """Ranks in ``group`` (default: all); 1 without a process group."""
+    return dist.get_world_size(group) if dist_is_initialized() else 1
 
 
 def local_rank() -> int:
@@ -119,7 +120,7 @@ def all_gather_stack(t: Tensor, group: dist.ProcessGroup | None = None) -> Tenso
     """Every rank's ``t`` (same shape on all ranks) stacked along a new dim 0 in rank order,
     differentiable: gradients reach each rank's input. ``t[None]`` in one process.
     (``torch.distributed.nn.functional.all_gather`` is deprecated.)"""
-    if not dist_is_initialized() or dist.get_world_size(group) == 1:
+    if world_size(group) == 1:
         return t[None]
     return _AllGatherStack.apply(t, group)
 

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from tllab.distributed import all_gather_stack
+from tllab.distributed import all_gather_stack, world_size
 
 
 def batch_stats(x: Tensor, process_group: dist.ProcessGroup | None = None) -> tuple[Tensor, Tensor, int]:
@@ -43,7 +43,7 @@ def batch_stats(x: Tensor, process_group: dist.ProcessGroup | None = None) -> tu
         var, mean = torch.var_mean(x, dim=dims, unbiased=False)
     else:
         mean = var = x.sum(dims)  # zeros that keep the graph
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(process_group) == 1:
+    if world_size(process_group) == 1:
         return mean, var, n
     local = torch.cat([x.new_full((1,), float(n)), mean, var * n])
     c = x.shape[1]
@@ -58,8 +58,7 @@ def batch_stats(x: Tensor, process_group: dist.ProcessGroup | None = None) -> tu
 def synced(layer: _BatchNorm) -> bool:
     """Whether ``layer`` (flagged by ``tllab.nn.convert_sync_batchnorm``) takes its batch statistics
     over several ranks in this forward."""
-    return (getattr(layer, "sync", False) and layer.training and dist.is_available() and dist.is_initialized()
-            and dist.get_world_size(layer.process_group) > 1)
+    return getattr(layer, "sync", False) and layer.training and world_size(layer.process_group) > 1
 
 
 def check_count(count: int) -> None:

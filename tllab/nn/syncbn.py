@@ -16,13 +16,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from tllab.distributed import world_size
 from tllab.nn.host_exchange import host_exchange
-
-
-def _group_size(group: dist.ProcessGroup | None) -> int:
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)
 
 
 def _all_gather(vec: Tensor, group: dist.ProcessGroup | None) -> Tensor:
@@ -135,7 +130,7 @@ def batch_norm(x: Tensor, bn: _BatchNorm, process_group: dist.ProcessGroup | Non
         >>> batch_norm(torch.randn(4, 3, 5, 5), nn.BatchNorm2d(3)).shape
         torch.Size([4, 3, 5, 5])
     """
-    if not (bn.training and _group_size(process_group) > 1):
+    if not (bn.training and world_size(process_group) > 1):
         return _BatchNorm.forward(bn, x)
     y, mean, var = _SyncBatchNormFunction.apply(x, bn.weight, bn.bias, bn.eps, process_group)
     if bn.track_running_stats:
