@@ -130,7 +130,7 @@ def test_missing_mandatory_value_names_the_key():
     (["dataset.setting=dg", "dataset.source=[mnist,mnistm]"], "both a source and a target"),
     (["dataset.labels_per_class=5"], "set dataset.setting=finetune"),
     (["dataset.setting=finetune", "dataset.sample_rate=150"], r"percentage in \(0, 100\]"),
-    (["dataset.name=office99"], "unknown dataset 'office99'"),
+    (["dataset.family=office99"], "unknown dataset.family 'office99'"),
 ])
 def test_bad_dataset_configs_are_rejected(overrides, match):
     cfg, _ = resolve_config(compose_config(overrides))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -85,13 +86,19 @@ class BackboneConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+class TransformName(str, Enum):
+    tllib = "tllib"  # train: Resize(R, R) -> RandomResizedCrop(S) -> HFlip (-> ColorJitter); eval: Resize -> CenterCrop
+    resize = "resize"  # train and eval: resize to (S, S) only, as the embedded digits (no augmentation)
+
+
 @dataclass
 class DatasetConfig:
     name: str = "digits"
+    family: str = "digits"  # how domains are read: digits | image_list | image_folder (tllab/data/)
     setting: Setting = Setting.da
     source: list[str] = field(default_factory=lambda: ["mnist"])
     target: list[str] = field(default_factory=lambda: ["mnistm"])
-    num_classes: int = 10
+    num_classes: int | None = 10  # null: counted from dataset.classes or the class folders
     val_fraction: float = 0.1  # held out of each source train split for model selection
     labels_per_class: int | None = None  # finetune: labelled target images per class
     sample_rate: float | None = None  # finetune: percent of the target train split (tllib)
@@ -100,7 +107,27 @@ class DatasetConfig:
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     data_seed: int = 0  # seed of the domain generation (mnistm/synth/corruptions)
-    root: str | None = None  # data folder for file-based datasets; cache folder for digits
+    root: str | None = None  # data folder of file datasets (else $TLLAB_DATA_DIR/<name>); cache folder of digits
+    # File datasets (tllab/data/image_list.py, image_folder.py); the catalog YAMLs fill these in.
+    domains: dict[str, Any] = field(default_factory=dict)  # key -> list/folder, or {train, test, val, subsets}
+    aliases: dict[str, str] = field(default_factory=dict)  # full domain name -> key (amazon -> A)
+    classes: Any = None  # class names by label: a list, or a file with one name per line
+    counts: dict[str, int] = field(default_factory=dict)  # images per list file in the published lists
+    download: list[Any] = field(default_factory=list)  # [{folder, archive, url, md5}] for `tllab-data download`
+    transform: TransformName = TransformName.tllib
+    resize_size: int | None = None  # tllib preset: side R of the first resize; null: round(image_size * 256 / 224)
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop scale range
+    color_jitter: bool = False  # tllib preset: ColorJitter(0.5, 0.5, 0.5, 0.5) after the flip
+    skip_bad_images: bool = False  # leave out images that cannot be read (counted in the log and summary)
+
+    def domain_key(self, name: str) -> str:
+        """The canonical name of a domain: its key for a full name (``amazon`` -> ``A``), the file
+        stem for a list file given as a path, else the name itself."""
+        if name in self.aliases:
+            return self.aliases[name]
+        if name not in self.domains and ("/" in name or name.endswith(".txt")):
+            return Path(name).stem
+        return name
 
 
 @dataclass
@@ -146,7 +173,7 @@ class TrainerConfig:
     deterministic: bool = False
     resume: bool = False  # require a checkpoint in the run dir (resuming is automatic anyway)
     save_checkpoints: bool = True
-    num_workers: int = 0
+    num_workers: int | None = None  # null: 0 for in-memory data, up to 8 per process for file datasets
     quiet: bool = False  # no progress bar (evaluation lines still go to the log)
 
 
@@ -200,13 +227,13 @@ def validate_config(cfg: TrainConfig) -> None:
         ("trainer.eval_every", t.eval_every, t.eval_every is None or t.eval_every >= 1, ">= 1 or null"),
         ("trainer.max_steps", t.max_steps, t.max_steps is None or t.max_steps >= 1, ">= 1 or null"),
         ("trainer.grad_clip", t.grad_clip, t.grad_clip is None or t.grad_clip > 0, "> 0 or null"),
-        ("trainer.num_workers", t.num_workers, t.num_workers >= 0, ">= 0"),
+        ("trainer.num_workers", t.num_workers, t.num_workers is None or t.num_workers >= 0, ">= 0 or null"),
         ("trainer.devices", t.devices, t.devices >= 1, ">= 1"),
         ("optim.lr", o.lr, o.lr > 0, "> 0"),
         ("optim.backbone_lr_mult", o.backbone_lr_mult, o.backbone_lr_mult >= 0, ">= 0"),
         ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
         ("optim.scheduler.warmup_steps", o.scheduler.warmup_steps, o.scheduler.warmup_steps >= 0, ">= 0"),
-        ("dataset.num_classes", d.num_classes, d.num_classes >= 2, ">= 2"),
+        ("dataset.num_classes", d.num_classes, d.num_classes is None or d.num_classes >= 2, ">= 2 or null"),
         ("dataset.image_size", d.image_size, d.image_size >= 8, ">= 8"),
         ("backbone.bottleneck_dim", cfg.backbone.bottleneck_dim,
          cfg.backbone.bottleneck_dim is None or cfg.backbone.bottleneck_dim >= 1, ">= 1 or null"),

@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from tllab.data import resolve_num_classes
 from tllab.distributed import broadcast_object, dist_is_initialized, is_main
 from tllab.errors import ConfigError, TllabError
 from tllab.launch import join_launcher_group, spawn_ddp, train_process
@@ -31,13 +32,17 @@ register_configs()
 
 def resolve_config(cfg: DictConfig) -> tuple[TrainConfig, dict[str, Any]]:
     """The typed config and its resolved plain-container form; a missing mandatory value
-    (``???``) becomes a :class:`ConfigError` naming the key to set."""
+    (``???``) becomes a :class:`ConfigError` naming the key to set, and ``dataset.num_classes=null``
+    is replaced by the number of classes the data has (saved so with the run)."""
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
     except MissingMandatoryValue as e:
         raise ConfigError(f"{e.full_key} must be set for this config (it is '???'); "
                           f"add {e.full_key}=<value> to the command line.") from e
-    return OmegaConf.to_object(cfg), resolved
+    typed: TrainConfig = OmegaConf.to_object(cfg)
+    if typed.dataset.num_classes is None:
+        typed.dataset.num_classes = resolved["dataset"]["num_classes"] = resolve_num_classes(typed.dataset)
+    return typed, resolved
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:

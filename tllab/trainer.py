@@ -140,7 +140,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=tc.amp and amp_dtype == torch.float16 and self.device.type == "cuda")
 
-        shard = {"num_workers": tc.num_workers, "rank": self.rank, "world": self.world}
+        self.pin_memory = self.device.type == "cuda"
+        shard = {"num_workers": tc.num_workers, "rank": self.rank, "world": self.world, "pin_memory": self.pin_memory}
         self.source_loader = ForeverLoader(self.data.train, tc.batch_size, seed=2 * cfg.seed,
                                            balanced=cfg.dataset.sampler == "domain_balanced", **shard)
         uses_target = any(p.uses_target for p in self.plugins.values())
@@ -154,6 +155,7 @@ class Trainer:
         self.results = ResultsFile(run_dir)
         self.ckpt_dir = run_dir / "checkpoints"
         self.step = 0
+        self.skipped = 0  # training images left out (dataset.skip_bad_images) since the last evaluation
         self.elapsed = 0.0
         self.best: dict[str, Any] = {}
         self._maybe_resume()
@@ -253,6 +255,9 @@ class Trainer:
         x_s, y_s, d_s = (t.to(self.device, non_blocking=True) for t in next(self.source_loader))
         x_s = x_s.to(self.dtype)
         x_t = next(self.target_loader)[0].to(self.device, self.dtype) if self.target_loader else None
+        # dataset.skip_bad_images: unreadable images are left out of their batch
+        full = self.cfg.trainer.batch_size
+        self.skipped += full - len(x_s) + (full - len(x_t) if x_t is not None else 0)
         with self.autocast():
             logits_s, f_s, logits_t, f_t = self.forward(x_s, x_t)
             out = StepOutput(step=self.step, total_steps=self.total_steps, model=self.model, x_s=x_s, y_s=y_s,
@@ -315,7 +320,8 @@ class Trainer:
                 model = plugin.eval_model(model, self.ctx, split)
             model.eval()
             sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # correct, loss, count
-            for x, y, _ in eval_loader(dataset, tc.eval_batch_size, tc.num_workers, self.rank, self.world):
+            for x, y, _ in eval_loader(dataset, tc.eval_batch_size, tc.num_workers, self.rank, self.world,
+                                       self.pin_memory):
                 x, y = x.to(self.device, self.dtype), y.to(self.device)
                 with self.autocast():
                     logits, _ = model(x)
@@ -324,6 +330,8 @@ class Trainer:
                                      torch.tensor(len(y), dtype=torch.float64, device=self.device)])
             correct, loss, n = all_reduce_sum(sums).tolist()
             metrics[f"{split}/acc"], metrics[f"{split}/loss"] = correct / n, loss / n
+            if self.cfg.dataset.skip_bad_images:
+                metrics[f"{split}/skipped"] = len(dataset) - n
         self.model.train(was_training)
         return metrics
 
@@ -356,6 +364,10 @@ class Trainer:
                 self.elapsed += now - tick
                 means = all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64, device=self.device))
                 train = {f"train/{k}": v / count / self.world for k, v in zip(sums, means.tolist())}
+                if self.cfg.dataset.skip_bad_images:  # images left out since the last evaluation
+                    skipped = torch.tensor(float(self.skipped), dtype=torch.float64, device=self.device)
+                    train["train/skipped"] = all_reduce_sum(skipped).item()
+                    self.skipped = 0
                 self._evaluate_and_record(train, wandb_run)
                 sums, count, images, tick = {}, 0, 0, time.perf_counter()
 
@@ -372,6 +384,9 @@ class Trainer:
     def _evaluate_and_record(self, train: dict[str, float], wandb_run: WandbRun | None) -> None:
         metrics = {**train, **self.evaluate()}
         self._check_finite(metrics)
+        skipped = {k.rsplit("/", 1)[0]: int(v) for k, v in metrics.items() if k.endswith("/skipped") and v}
+        if skipped and self.main:
+            log.warning("unreadable images left out (dataset.skip_bad_images): %s", skipped)
         lr = self.cfg.optim.lr * lr_factor(self.cfg.optim.scheduler, self.step, self.total_steps)
         record = {"step": self.step, "epoch": round(self.step / self.iters_per_epoch, 4),
                   "time": round(self.elapsed, 3), "lr": lr, **metrics, **self.keys}
@@ -402,6 +417,10 @@ class Trainer:
             "best": self.best,
             "num_params": sum(p.numel() for p in self.model.parameters()),
         }
+        if self.cfg.dataset.skip_bad_images:  # unreadable images left out: training total, per split
+            summary["skipped_images"] = {"train": sum(r.get("train/skipped", 0) for r in records),
+                                         **{k.rsplit("/", 1)[0]: v for k, v in summary["final"].items()
+                                            if k.endswith("/skipped") and not k.startswith("train/")}}
         write_json_atomic(self.run_dir / "summary.json", summary)
         (self.run_dir / "done").write_text("")
         return summary

@@ -24,67 +24,108 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tllab.data import image_folder, image_list
 from tllab.data.arrays import ArrayDataset
+from tllab.data.base import ImageSet
 from tllab.errors import ConfigError
 from tllab.schema import DatasetConfig
 
-__all__ = ["DATASETS", "DataModule", "DatasetFamily", "build_data", "check_dataset_config"]
+__all__ = ["DATASETS", "DataModule", "DatasetFamily", "Splits", "build_data", "check_dataset_config",
+           "resolve_num_classes"]
+
+
+@dataclass(frozen=True)
+class Splits:
+    """A domain's splits; ``val`` is an official validation split (else ``val_fraction`` of train)."""
+
+    train: ImageSet
+    test: ImageSet
+    val: ImageSet | None = None
+
+
+def _no_fixed_subset(name: str, rate: float, cfg: DatasetConfig) -> None:
+    return None
 
 
 @dataclass(frozen=True)
 class DatasetFamily:
-    """How to check a domain name (cheap, before loading) and load a domain's train/test splits."""
+    """How one kind of data is read (``dataset.family``).
 
-    check_domain: Callable[[str], None]
-    load_domain: Callable[[str, DatasetConfig], tuple[ArrayDataset, ArrayDataset]]
+    Args:
+        check_domain: validate a domain name cheaply, before anything loads (raises ValueError).
+        load_domain: a domain's :class:`Splits`.
+        class_names: the class names by label (``dataset.num_classes=null`` counts them).
+        fixed_subset: the official fine-tuning subset of a domain for ``dataset.sample_rate``, or None
+            (a per-class random draw is made instead).
+    """
+
+    check_domain: Callable[[str, DatasetConfig], None]
+    load_domain: Callable[[str, DatasetConfig], Splits]
+    class_names: Callable[[DatasetConfig], list[str]]
+    fixed_subset: Callable[[str, float, DatasetConfig], ImageSet | None] = _no_fixed_subset
 
 
-def _digits_check(name: str) -> None:
+def _digits_check(name: str, cfg: DatasetConfig) -> None:
     from tllab.data.digits import parse_domain
 
     parse_domain(name)
 
 
-def _digits_load(name: str, cfg: DatasetConfig) -> tuple[ArrayDataset, ArrayDataset]:
+def _digits_load(name: str, cfg: DatasetConfig) -> Splits:
     from tllab.data.digits import load_domain
 
     d = load_domain(name, seed=cfg.data_seed, cache_dir=cfg.root)
     zeros = np.zeros
-    return (ArrayDataset(d.train_x, d.train_y, zeros(len(d.train_y), np.int64), cfg.image_size, cfg.mean, cfg.std),
-            ArrayDataset(d.test_x, d.test_y, zeros(len(d.test_y), np.int64), cfg.image_size, cfg.mean, cfg.std))
+    return Splits(ArrayDataset(d.train_x, d.train_y, zeros(len(d.train_y), np.int64), cfg.image_size, cfg.mean,
+                               cfg.std),
+                  ArrayDataset(d.test_x, d.test_y, zeros(len(d.test_y), np.int64), cfg.image_size, cfg.mean, cfg.std))
 
 
-# Dataset families by ``dataset.name``; file-based benchmarks register here.
-DATASETS: dict[str, DatasetFamily] = {"digits": DatasetFamily(_digits_check, _digits_load)}
+def _digits_classes(cfg: DatasetConfig) -> list[str]:
+    return [str(c) for c in range(cfg.num_classes or 10)]  # the labels are the names
+
+
+# Dataset families by ``dataset.family``.
+DATASETS: dict[str, DatasetFamily] = {
+    "digits": DatasetFamily(_digits_check, _digits_load, _digits_classes),
+    "image_list": DatasetFamily(image_list.check_domain, image_list.load_domain, image_list.class_names,
+                                image_list.fixed_subset),
+    "image_folder": DatasetFamily(image_folder.check_domain, image_folder.load_domain, image_folder.class_names),
+}
 
 
 @dataclass
 class DataModule:
     """The datasets of one run (see the module docstring)."""
 
-    train: ArrayDataset
-    eval_splits: dict[str, ArrayDataset]
+    train: ImageSet
+    eval_splits: dict[str, ImageSet]
     selection_split: str | None  # split that picks the ``best`` checkpoint; None: the last one
-    unlabeled: ArrayDataset | None = None
+    unlabeled: ImageSet | None = None
     train_domains: list[str] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)  # class names by label (saved with checkpoints)
 
 
+def family_of(cfg: DatasetConfig) -> DatasetFamily:
+    if cfg.family not in DATASETS:
+        raise ConfigError(f"unknown dataset.family {cfg.family!r}; available: {sorted(DATASETS)}.")
+    return DATASETS[cfg.family]
+
+
 def check_dataset_config(cfg: DatasetConfig) -> DatasetFamily:
     """Validate the dataset config without loading data; return its family."""
-    if cfg.name not in DATASETS:
-        raise ConfigError(f"unknown dataset {cfg.name!r}; available: {sorted(DATASETS)}.")
-    family = DATASETS[cfg.name]
+    family = family_of(cfg)
     setting = cfg.setting  # a str-valued enum: compares equal to "da", "dg", "finetune"
-    if not cfg.target:
+    source, target = [cfg.domain_key(n) for n in cfg.source], [cfg.domain_key(n) for n in cfg.target]
+    if not target:
         raise ConfigError("dataset.target is empty; name the target domain(s), e.g. dataset.target=[mnistm].")
-    if setting in ("da", "dg") and not cfg.source:
+    if setting in ("da", "dg") and not source:
         raise ConfigError(f"dataset.source is empty; setting={setting} trains on labelled source domains.")
-    if setting == "dg" and set(cfg.source) & set(cfg.target):
-        raise ConfigError(f"dataset.setting=dg holds the target out, but {sorted(set(cfg.source) & set(cfg.target))} "
+    if setting == "dg" and set(source) & set(target):
+        raise ConfigError(f"dataset.setting=dg holds the target out, but {sorted(set(source) & set(target))} "
                           "is both a source and a target.")
     if setting == "finetune":
-        if len(cfg.target) != 1:
+        if len(target) != 1:
             raise ConfigError("dataset.setting=finetune trains on exactly one target domain.")
         if cfg.labels_per_class is not None and cfg.sample_rate is not None:
             raise ConfigError("set only one of dataset.labels_per_class and dataset.sample_rate.")
@@ -99,10 +140,18 @@ def check_dataset_config(cfg: DatasetConfig) -> DatasetFamily:
         raise ConfigError(f"dataset.val_fraction={cfg.val_fraction} must be in [0, 1).")
     for name in [*cfg.source, *cfg.target]:
         try:
-            family.check_domain(name)
+            family.check_domain(name, cfg)
         except ValueError as e:
             raise ConfigError(f"dataset {cfg.name}: {e}") from e
     return family
+
+
+def resolve_num_classes(cfg: DatasetConfig) -> int:
+    """``dataset.num_classes``, counted from the class names when it is null."""
+    if cfg.num_classes is None:
+        family = check_dataset_config(cfg)
+        return len(family.class_names(cfg))
+    return cfg.num_classes
 
 
 def _split_per_class(targets: np.ndarray, take: Callable[[int], int], rng: np.random.Generator
@@ -117,86 +166,90 @@ def _split_per_class(targets: np.ndarray, take: Callable[[int], int], rng: np.ra
     return np.sort(np.concatenate(rest)), np.sort(np.concatenate(taken))
 
 
-def _with_domain(ds: ArrayDataset, index: int) -> ArrayDataset:
-    ds.domains = np.full(len(ds), index, dtype=np.int64)
-    return ds
-
-
-def _eval_entries(role: str, names: list[str], parts: list[ArrayDataset]) -> dict[str, ArrayDataset]:
+def _eval_entries(role: str, names: list[str], parts: list[ImageSet]) -> dict[str, ImageSet]:
     """The pooled split (accuracy over all its images) and, with several domains, one per domain;
     empty parts are left out."""
     named = [(n, p) for n, p in zip(names, parts) if len(p)]
     if not named:
         return {}
-    out = {role: ArrayDataset.concat([p for _, p in named])}
+    out = {role: ImageSet.concat([p for _, p in named])}
     if len(parts) > 1:
         out.update({f"{role}/{n}": p for n, p in named})
     return out
 
 
-def _check_labels(data: DataModule, num_classes: int) -> DataModule:
+def _check_labels(data: DataModule, cfg: DatasetConfig, family: DatasetFamily) -> DataModule:
+    num_classes = cfg.num_classes
     top = max(int(ds.targets.max()) for ds in [data.train, *data.eval_splits.values()])
     if top >= num_classes:
         raise ConfigError(f"dataset.num_classes={num_classes} but the labels go up to {top}; "
                           f"set dataset.num_classes={top + 1}.")
-    data.classes = data.classes or [str(c) for c in range(num_classes)]  # digits: the labels are the names
+    data.classes = family.class_names(cfg)
     return data
 
 
 def build_data(cfg: DatasetConfig, seed: int) -> DataModule:
     """Load the domains named in ``cfg`` and lay them out for ``cfg.setting``.
 
-    Validation parts are drawn per class with ``cfg.data_seed`` (the same for every run seed);
-    the fine-tuning subset is drawn with ``seed`` (deterministic per run seed).
+    Validation parts are drawn per class with ``cfg.data_seed`` (the same for every run seed)
+    unless the domain has an official validation split; the fine-tuning subset is the official one
+    for ``sample_rate`` where the dataset ships it, else drawn with ``seed`` (deterministic per run
+    seed). Training sets use the random training transforms, evaluation sets the evaluation ones.
     """
     family = check_dataset_config(cfg)
     setting = cfg.setting
-    cache: dict[str, tuple[ArrayDataset, ArrayDataset]] = {}
+    source, target = [cfg.domain_key(n) for n in cfg.source], [cfg.domain_key(n) for n in cfg.target]
+    names = dict(zip(source + target, [*cfg.source, *cfg.target]))  # key -> name as configured
+    cache: dict[str, Splits] = {}
 
-    def load(name: str) -> tuple[ArrayDataset, ArrayDataset]:
-        if name not in cache:
-            cache[name] = family.load_domain(name, cfg)
-        return cache[name]
+    def load(key: str) -> Splits:
+        if key not in cache:
+            cache[key] = family.load_domain(names[key], cfg)
+        return cache[key]
 
-    def val_split(ds: ArrayDataset, name: str) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([cfg.data_seed, *name.encode()])
-        return _split_per_class(ds.targets, lambda n: int(round(cfg.val_fraction * n)), rng)
+    def train_and_val(train: ImageSet, official_val: ImageSet | None, key: str) -> tuple[ImageSet, ImageSet]:
+        if official_val is not None:
+            return train, official_val
+        rng = np.random.default_rng([cfg.data_seed, *key.encode()])
+        keep, val = _split_per_class(train.targets, lambda n: int(round(cfg.val_fraction * n)), rng)
+        return train.subset(keep), train.subset(val)
 
     if setting == "finetune":
-        (name,) = cfg.target
-        train, test = load(name)
-        pool, val = val_split(train, name)
+        (key,) = target
+        splits = load(key)
+        fixed = family.fixed_subset(names[key], cfg.sample_rate, cfg) if cfg.sample_rate is not None else None
+        pool, val = train_and_val(splits.train if fixed is None else fixed, splits.val, key)
         rng = np.random.default_rng([seed, 7919])
         if cfg.labels_per_class is not None:
             k = cfg.labels_per_class
-            small = min(np.bincount(train.targets[pool]))
+            small = min(np.bincount(pool.targets))
             if small < k:
-                raise ConfigError(f"dataset.labels_per_class={k} but a class of {name} has only {small} images.")
+                raise ConfigError(f"dataset.labels_per_class={k} but a class of {key} has only {small} images.")
             take = lambda n: k  # noqa: E731
-        elif cfg.sample_rate is not None:
+        elif cfg.sample_rate is not None and fixed is None:
             take = lambda n: max(1, int(round(cfg.sample_rate / 100 * n)))  # noqa: E731
         else:
             take = lambda n: n  # noqa: E731
-        _, chosen = _split_per_class(train.targets[pool], take, rng)
-        evals = {**_eval_entries("target_val", [name], [train.subset(val)]),
-                 **_eval_entries("target_test", [name], [test]),
-                 **_eval_entries("source_test", list(cfg.source), [load(s)[1] for s in cfg.source])}
-        return _check_labels(DataModule(train=train.subset(pool[chosen]), eval_splits=evals,
+        _, chosen = _split_per_class(pool.targets, take, rng)
+        evals = {**_eval_entries("target_val", [key], [val]),
+                 **_eval_entries("target_test", [key], [splits.test]),
+                 **_eval_entries("source_test", source, [load(s).test for s in source])}
+        return _check_labels(DataModule(train=pool.subset(chosen).augmented(), eval_splits=evals,
                                         selection_split="target_val" if "target_val" in evals else None,
-                                        train_domains=[name]), cfg.num_classes)
+                                        train_domains=[key]), cfg, family)
 
     train_parts, val_parts = [], []
-    for i, name in enumerate(cfg.source):
-        train, _ = load(name)
-        keep, val = val_split(train, name)
-        train_parts.append(_with_domain(train.subset(keep), i))
-        val_parts.append(_with_domain(train.subset(val), i))
-    evals = {**_eval_entries("source_val", list(cfg.source), val_parts),
-             **_eval_entries("source_test", list(cfg.source), [load(s)[1] for s in cfg.source]),
-             **_eval_entries("target_test", list(cfg.target), [load(t)[1] for t in cfg.target])}
+    for i, key in enumerate(source):
+        splits = load(key)
+        train, val = train_and_val(splits.train, splits.val, key)
+        train_parts.append(train.with_domain(i))
+        val_parts.append(val.with_domain(i))
+    evals = {**_eval_entries("source_val", source, val_parts),
+             **_eval_entries("source_test", source, [load(s).test for s in source]),
+             **_eval_entries("target_test", target, [load(t).test for t in target])}
     unlabeled = None
     if setting == "da":
-        unlabeled = ArrayDataset.concat([load(t)[0].unlabeled() for t in cfg.target])
-    return _check_labels(DataModule(train=ArrayDataset.concat(train_parts), eval_splits=evals,
+        unlabeled = ImageSet.concat([load(t).train.unlabeled() for t in target]).augmented()
+    return _check_labels(DataModule(train=ImageSet.concat(train_parts).augmented(), eval_splits=evals,
                                     selection_split="source_val" if "source_val" in evals else None,
-                                    unlabeled=unlabeled, train_domains=list(cfg.source)), cfg.num_classes)
+                                    unlabeled=unlabeled, train_domains=source), cfg, family)

@@ -2,13 +2,45 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from tllab.errors import ConfigError
+
+
+def sample_seed(stream_seed: int, position: int) -> int:
+    """The seed of one sample's random transforms: a hash of its loader's seed and its position in the
+    loader's stream (``position < 0``: an evaluation pass over a training set, by index)."""
+    digest = hashlib.blake2b(f"{stream_seed}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class Batch(list):
+    """A training batch's dataset indices, plus each sample's seed for random transforms.
+
+    The seed of the sample at position ``p`` of the loader's global stream (global batch ``b``, rank
+    ``r``, slot ``j``: ``p = b * G + r * batch_size + j``) is ``sample_seed(seed, p)``: it does not depend
+    on the number of workers, on which rank draws the sample, or on a resume in between.
+    """
+
+    seeds: list[int]
+
+    @classmethod
+    def at(cls, indices: list[int], seed: int, first_position: int) -> Batch:
+        batch = cls(indices)
+        batch.seeds = [sample_seed(seed, first_position + j) for j in range(len(indices))]
+        return batch
+
+
+def _with_seeds(batches: Iterable[list[int]], seed: int, start_batch: int, global_batch: int, offset: int
+                ) -> Iterator[Batch]:
+    """Batch ``b`` (from ``start_batch``) starts at stream position ``b * global_batch + offset``."""
+    for b, indices in enumerate(batches, start_batch):
+        yield Batch.at(indices, seed, b * global_batch + offset)
 
 
 class InfiniteBatchSampler(Sampler[list[int]]):
@@ -54,6 +86,10 @@ class InfiniteBatchSampler(Sampler[list[int]]):
                     perm = self._perm(p)
             yield batch[self.shard]
 
+    def keyed(self) -> Iterator[Batch]:
+        """The batches as :class:`Batch` (with their samples' transform seeds)."""
+        return _with_seeds(self, self.seed, self.start_batch, self.batch_size, self.shard.start)
+
 
 class DomainBalancedBatchSampler(Sampler[list[int]]):
     """Like :class:`InfiniteBatchSampler`, but every rank's batch holds ``batch_size / D``
@@ -79,6 +115,7 @@ class DomainBalancedBatchSampler(Sampler[list[int]]):
             raise ConfigError(f"a domain-balanced batch needs trainer.batch_size ({batch_size}) to be a multiple "
                               f"of the number of domains ({len(self.groups)}).")
         k = batch_size // len(self.groups)
+        self.seed, self.start_batch, self.first = seed, start_batch, (batch_size * world, rank * batch_size)
         self.streams = [InfiniteBatchSampler(len(g), k, seed * 7919 + d, start_batch, rank, world)
                         for d, g in enumerate(self.groups)]
 
@@ -86,6 +123,9 @@ class DomainBalancedBatchSampler(Sampler[list[int]]):
         its = [iter(s) for s in self.streams]
         while True:
             yield [int(g[i]) for g, it in zip(self.groups, its) for i in next(it)]
+
+    def keyed(self) -> Iterator[Batch]:
+        return _with_seeds(self, self.seed, self.start_batch, *self.first)
 
 
 class ForeverLoader:
@@ -98,10 +138,11 @@ class ForeverLoader:
     dataset's ``domains`` (see :class:`DomainBalancedBatchSampler`).
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, rank: int = 0,
-                 world: int = 1, balanced: bool = False) -> None:
-        self.dataset, self.batch_size, self.seed, self.num_workers = dataset, batch_size, seed, num_workers
-        self.rank, self.world, self.balanced = rank, world, balanced
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int | None = None, rank: int = 0,
+                 world: int = 1, balanced: bool = False, pin_memory: bool = False) -> None:
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.num_workers = _workers(dataset, num_workers)
+        self.rank, self.world, self.balanced, self.pin_memory = rank, world, balanced, pin_memory
         self.batches = 0
         self._it: Iterator | None = None
 
@@ -113,9 +154,9 @@ class ForeverLoader:
             position = (self.batch_size, self.seed, self.batches, self.rank, self.world)
             sampler = (DomainBalancedBatchSampler(self.dataset.domains, *position) if self.balanced
                        else InfiniteBatchSampler(len(self.dataset), *position))
-            self._it = iter(DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+            self._it = iter(DataLoader(self.dataset, batch_sampler=_Keyed(sampler), num_workers=self.num_workers,
                                        collate_fn=getattr(self.dataset, "collate_fn", None),
-                                       persistent_workers=self.num_workers > 0,
+                                       persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory,
                                        generator=_own_generator(self.seed, self.batches)))
         self.batches += 1
         return next(self._it)
@@ -128,14 +169,30 @@ class ForeverLoader:
         self._it = None
 
 
-def eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, rank: int = 0, world: int = 1
-                ) -> DataLoader:
+class _Keyed(Sampler[Batch]):
+    """A training sampler's :meth:`keyed` batches (a DataLoader iterates its sampler once)."""
+
+    def __init__(self, sampler: InfiniteBatchSampler | DomainBalancedBatchSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.sampler.keyed()
+
+
+def _workers(dataset: Dataset, num_workers: int | None) -> int:
+    """``trainer.num_workers``, or the dataset's default when it is null."""
+    return getattr(dataset, "default_workers", 0) if num_workers is None else num_workers
+
+
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int | None = None, rank: int = 0, world: int = 1,
+                pin_memory: bool = False) -> DataLoader:
     """Sequential, unshuffled batches over rank ``rank``'s contiguous part of the dataset (all of
     it in one process): every sample is evaluated by exactly one rank."""
     lo, hi = len(dataset) * rank // world, len(dataset) * (rank + 1) // world
     sampler = BatchSampler(range(lo, hi), batch_size, drop_last=False)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                      collate_fn=getattr(dataset, "collate_fn", None), generator=_own_generator(0, 0))
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=_workers(dataset, num_workers),
+                      collate_fn=getattr(dataset, "collate_fn", None), pin_memory=pin_memory,
+                      generator=_own_generator(0, 0))
 
 
 def _own_generator(seed: int, position: int) -> torch.Generator:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tllab.data import DataModule
-from tllab.data.arrays import ArrayDataset
+from tllab.data.base import ImageSet
 from tllab.data.loaders import eval_loader
 from tllab.distributed import all_gather_objects, all_reduce_sum, rank, world_size
 from tllab.errors import ConfigError
@@ -204,8 +204,9 @@ def adapt_batchnorm(model: nn.Module, batches: Batches) -> nn.Module:
     return adapted
 
 
-def adaptation_split(data: DataModule, split: str, option: str = "norm.adabn.split=") -> ArrayDataset:
-    """The images AdaBN estimates statistics on (their labels are never read).
+def adaptation_split(data: DataModule, split: str, option: str = "norm.adabn.split=") -> ImageSet:
+    """The images AdaBN estimates statistics on (their labels are never read), with the evaluation
+    transforms: the statistics are those of the images the model will be scored on.
 
     Args:
         data: the run's datasets.
@@ -223,9 +224,9 @@ def adaptation_split(data: DataModule, split: str, option: str = "norm.adabn.spl
             raise ConfigError(f"{option}unlabeled is the unlabelled target train split, which only dataset.setting=da "
                               f"has; name another split: train or one of {list(data.eval_splits)} (target_test "
                               "adapts on the test images themselves).")
-        return data.unlabeled
+        return data.unlabeled.augmented(False)
     if split == "train":
-        return data.train
+        return data.train.augmented(False)
     if split not in data.eval_splits:
         raise ConfigError(f"{option}{split} is not a split of this run; use unlabeled, train or one of "
                           f"{list(data.eval_splits)}.")

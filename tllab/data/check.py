@@ -1,0 +1,159 @@
+"""``tllab-data check``: is a file dataset on disk whole and readable?
+
+Every list of every domain (train, test, val and fine-tuning subsets) is parsed without stopping at
+the first bad line; labels are checked against the classes, line counts against the published
+counts, and every listed image is opened and decoded, in parallel worker processes. Image folders
+are scanned the same way. The result is one :class:`ListReport` per list or folder and one
+:class:`Problem` per defect.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tllab.data.files import (
+    ImageIndex,
+    class_folders,
+    decode_error_reason,
+    read_image,
+    read_image_list,
+    scan_image_folder,
+)
+from tllab.data.layout import class_names_from_config, data_root, domain_spec, resolve
+from tllab.errors import DataError
+from tllab.schema import DatasetConfig
+
+__all__ = ["ListReport", "Problem", "check_dataset"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One defect: the file (and list line) it is in, and what is wrong."""
+
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+@dataclass
+class ListReport:
+    """What one list (or folder) holds: lines read, images that decode, and the defects."""
+
+    source: str
+    expected: int | None
+    samples: int = 0
+    readable: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+
+def _probe(path: str) -> str | None:
+    try:
+        read_image(path)
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError, RuntimeError) as e:
+        return f"cannot be decoded ({decode_error_reason(e)})"
+    return None
+
+
+def _sources(cfg: DatasetConfig) -> list[tuple[str, str]]:
+    """Every ``(kind, path)`` the dataset names: its lists, or its domain folders."""
+    if cfg.family == "image_folder" and not cfg.domains:
+        root = data_root(cfg)
+        if root is None or not root.is_dir():
+            raise DataError(f"dataset root {root} does not exist; give --root <folder with one folder per domain>.")
+        return [("folder", e.name) for e in sorted(os.scandir(root), key=lambda e: e.name) if e.is_dir()]
+    kind = "folder" if cfg.family == "image_folder" else "list"
+    out: list[str] = []
+    for key in cfg.domains:
+        spec = domain_spec(key, cfg)
+        out += [spec.train, spec.test, *([spec.val] if spec.val else []), *spec.subsets.values()]
+    return [(kind, p) for p in dict.fromkeys(out)]
+
+
+def _index(kind: str, path: str, cfg: DatasetConfig, classes: list[str], report: ListReport) -> ImageIndex | None:
+    root = data_root(cfg)
+    target = resolve(path, root)
+    if kind == "folder":
+        if not target.is_dir():
+            report.problems.append(Problem(str(target), "folder missing"))
+            return None
+        found = set(class_folders(target))
+        if found - set(classes):
+            report.problems.append(Problem(str(target), f"class folders not in the class list: "
+                                                        f"{sorted(found - set(classes))[:10]}"))
+        if cfg.classes is None and set(classes) - found:
+            report.problems.append(Problem(str(target), f"lacks the class folders {sorted(set(classes) - found)[:10]} "
+                                                        "that other domains have"))
+        return scan_image_folder(target, classes)
+    if not target.is_file():
+        report.problems.append(Problem(str(target), "list file missing"))
+        return None
+    garbled: list[tuple[int, str]] = []
+    index = read_image_list(target, root or target.parent, garbled)
+    report.problems += [Problem(f"{target} line {line}", message) for line, message in garbled]
+    for i in np.flatnonzero(index.targets >= len(classes)):
+        report.problems.append(Problem(f"{target} line {index.lines[i]}",
+                                       f"label {index.targets[i]} is out of range (0..{len(classes) - 1})"))
+    return index
+
+
+def _classes(cfg: DatasetConfig, sources: list[tuple[str, str]]) -> list[str]:
+    """``dataset.classes``; for folders without it, the union of their class folders."""
+    from tllab.data import DATASETS
+
+    names = class_names_from_config(cfg, data_root(cfg))
+    if names is not None:
+        return names
+    if cfg.family == "image_folder":
+        folders = [resolve(p, data_root(cfg)) for _, p in sources]
+        return sorted(set().union(*(class_folders(f) for f in folders if f.is_dir())))
+    return DATASETS[cfg.family].class_names(cfg)
+
+
+def check_dataset(cfg: DatasetConfig, workers: int | None = None) -> list[ListReport]:
+    """Check every list or folder of ``cfg`` (see the module docstring)."""
+    sources = _sources(cfg)
+    classes = _classes(cfg, sources)
+    reports, jobs = [], []
+    for kind, path in sources:
+        report = ListReport(path, cfg.counts.get(path))
+        index = _index(kind, path, cfg, classes, report)
+        if index is not None:
+            report.samples = len(index.targets)
+            if report.expected is not None and report.expected != report.samples:
+                report.problems.append(Problem(path, f"{report.samples} images listed, the published list has "
+                                                     f"{report.expected}"))
+            paths = [os.path.join(index.root, index.paths[i]) for i in range(len(index.paths))]
+            jobs.append((report, index, paths))
+        reports.append(report)
+    flat = [p for _, _, paths in jobs for p in paths]
+    with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+        results = pool.map(_probe, flat, chunksize=64)
+        for report, index, paths in jobs:
+            for i, (path, error) in enumerate(zip(paths, results)):
+                if error is None:
+                    report.readable += 1
+                else:
+                    line = int(index.lines[i])
+                    report.problems.append(Problem(f"{path} ({index.source} line {line})" if line else path, error))
+    return reports
+
+
+def format_report(reports: list[ListReport]) -> str:
+    """A table (one row per list or folder) and then one line per problem."""
+    rows = [("list / folder", "images", "readable", "published", "problems")]
+    rows += [(r.source, str(r.samples), str(r.readable), "" if r.expected is None else str(r.expected),
+              str(len(r.problems))) for r in reports]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    problems = [str(p) for r in reports for p in r.problems]
+    return "\n".join(lines + ([""] + problems if problems else []))
+

@@ -1,0 +1,275 @@
+r"""Image files as a dataset: compact indexes, decoding on demand, seeded augmentation.
+
+A :class:`FileDataset` holds no pixels: only each image's path (packed in one byte array, see
+:class:`PathTable`), label, domain and where it came from (list file and line). A DataLoader
+worker reads and decodes a batch's files (torchvision's libjpeg-turbo / libpng / libwebp decoders,
+PIL for the other formats), applies the transform preset (:mod:`tllab.data.transforms`) on
+``uint8`` tensors and returns normalised float images, like the in-memory
+:class:`~tllab.data.arrays.ArrayDataset`.
+
+Random transforms draw from a generator seeded per sample by the loader's seed and the sample's
+position in the loader's stream (:class:`~tllab.data.loaders.Batch`), so augmentation is the same
+for any number of workers or ranks and a resumed run continues it exactly.
+
+List format (tllib's ``ImageList``): one sample a line, ``<path> <label>``; the label is the last
+whitespace-separated token, the path is the rest of the line (spaces allowed); relative paths are
+joined to the dataset root; blank lines are ignored.
+"""
+
+from __future__ import annotations
+
+import array
+import io
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from tllab.data.base import ImageSet
+from tllab.data.loaders import sample_seed
+from tllab.data.transforms import ImageTransform
+from tllab.errors import DataError
+
+__all__ = ["IMG_EXTENSIONS", "FileDataset", "ImageIndex", "PathTable", "read_image", "read_image_list",
+           "scan_image_folder"]
+
+log = logging.getLogger(__name__)
+
+# Decoded by torchvision (libjpeg-turbo, libpng, libwebp, giflib) straight into uint8 tensors.
+_TORCHVISION_FORMATS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+
+
+class PathTable:
+    """Strings packed in one ``uint8`` array with ``int64`` offsets.
+
+    A 600k-line list costs two arrays instead of 600k Python strings, and DataLoader workers share
+    the arrays' pages (touching a Python object writes its reference count and copies its page).
+
+    Example:
+        >>> t = PathTable.from_bytes([b"a/1.jpg", b"b c/2.png"])
+        >>> t[1], len(t.take(np.array([1, 1, 0])))
+        ('b c/2.png', 3)
+    """
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray) -> None:
+        self.blob, self.offsets = blob, offsets
+
+    @classmethod
+    def from_bytes(cls, items: Sequence[bytes]) -> PathTable:
+        lengths = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
+        offsets = np.zeros(len(items) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(np.frombuffer(b"".join(items), dtype=np.uint8), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return os.fsdecode(self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes())
+
+    def take(self, indices: np.ndarray) -> PathTable:
+        """The strings at ``indices``, gathered without a Python loop."""
+        starts, lengths = self.offsets[indices], np.diff(self.offsets)[indices]
+        offsets = np.zeros(len(indices) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        source = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return PathTable(self.blob[source], offsets)
+
+    @staticmethod
+    def concat(tables: Sequence[PathTable]) -> PathTable:
+        shifts = np.cumsum([0] + [len(t.blob) for t in tables[:-1]])
+        offsets = np.concatenate([tables[0].offsets[:1]] + [t.offsets[1:] + s for t, s in zip(tables, shifts)])
+        return PathTable(np.concatenate([t.blob for t in tables]), offsets)
+
+
+@dataclass(frozen=True)
+class ImageIndex:
+    """The files of one list or folder: paths (relative to ``root`` unless absolute), labels, and
+    the list line each came from (``0`` for a folder)."""
+
+    root: str
+    source: str  # the list file or folder, for messages
+    paths: PathTable
+    targets: np.ndarray
+    lines: np.ndarray
+
+
+def read_image_list(list_file: Path, root: Path, problems: list[tuple[int, str]] | None = None) -> ImageIndex:
+    """Parse a tllib-format list (see the module docstring).
+
+    Args:
+        list_file: the list.
+        root: the folder relative image paths are joined to.
+        problems: collect ``(line, message)`` for every malformed line here and go on, instead of
+            raising at the first (``tllab-data check``).
+
+    Raises:
+        DataError: the file is missing or empty, or a line has no integer label (names the line).
+    """
+    if not list_file.is_file():
+        raise DataError(f"image list {list_file} does not exist; check dataset.root ({root}) and dataset.domains, "
+                        "or fetch the data with `tllab-data download <dataset>`.")
+    paths: list[bytes] = []
+    labels, lines = array.array("q"), array.array("i")  # compact while the list is read
+    with open(list_file, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            parts = raw.rsplit(None, 1)
+            if not parts:
+                continue
+            if len(parts) != 2 or not parts[1].isdigit():
+                message = f"is not '<path> <label>': {raw.strip()[:120]!r}"
+                if problems is None:
+                    raise DataError(f"{list_file} line {number} {message}; fix the line (the label is a non-negative "
+                                    "integer, the last token).")
+                problems.append((number, message))
+                continue
+            paths.append(parts[0].strip())
+            labels.append(int(parts[1]))
+            lines.append(number)
+    if not paths and problems is None:
+        raise DataError(f"image list {list_file} holds no samples; it should have one '<path> <label>' a line.")
+    return ImageIndex(str(root), str(list_file), PathTable.from_bytes(paths), np.frombuffer(labels, np.int64),
+                      np.frombuffer(lines, np.int32))
+
+
+def class_folders(folder: Path) -> list[str]:
+    """The sorted class sub-folders of ``folder`` (as ``torchvision.datasets.ImageFolder`` finds them)."""
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} does not exist; it should hold one sub-folder per class.")
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir())
+
+
+def scan_image_folder(folder: Path, classes: Sequence[str]) -> ImageIndex:
+    """The images of ``folder/<class>/**`` for each of ``classes`` (label = position in ``classes``), in
+    ``torchvision.datasets.ImageFolder``'s order; extensions as its ``IMG_EXTENSIONS``. A class
+    without a folder has no images here."""
+    paths: list[bytes] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(folder / name, followlinks=True)):
+            rel = os.path.relpath(dirpath, folder)
+            for file in sorted(files):
+                if file.lower().endswith(IMG_EXTENSIONS):
+                    paths.append(os.fsencode(os.path.join(rel, file)))
+                    labels.append(label)
+    n = len(paths)
+    return ImageIndex(str(folder), str(folder), PathTable.from_bytes(paths), np.asarray(labels, np.int64),
+                      np.zeros(n, np.int32))
+
+
+def read_image(path: str) -> Tensor:
+    """Decode an image file into a ``uint8`` RGB tensor :math:`(3, H, W)`.
+
+    Raises:
+        OSError, ValueError, RuntimeError: the file is missing, truncated or not an image.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data:
+        raise ValueError("the file is empty")
+    if path.lower().endswith(_TORCHVISION_FORMATS):
+        from torchvision.io import ImageReadMode, decode_image
+
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+def decode_error_reason(exc: Exception) -> str:
+    """A decoder error in one clause (torchvision's messages start with their C++ source location)."""
+    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    return text.rsplit(".cpp:", 1)[-1].split(", ", 1)[-1] if ".cpp:" in text else text
+
+
+class FileDataset(ImageSet):
+    """Images read from files, one batch at a time (see the module docstring).
+
+    Args:
+        index: the files, labels and origins of one list or folder.
+        domains: domain index of each image.
+        transform: the transform preset (train and eval variants).
+        skip_bad_images: leave unreadable images out of their batch (logged) instead of raising
+            :class:`DataError`.
+
+    Example:
+        >>> ds = FileDataset(read_image_list(Path("office31/image_list/webcam.txt"), Path("office31")),
+        ...                  np.zeros(795, int), ImageTransform("tllib", 224))            # doctest: +SKIP
+        >>> x, y, d = ds.__getitems__([0, 1])                                           # doctest: +SKIP
+        >>> x.shape
+        torch.Size([2, 3, 224, 224])
+    """
+
+    def __init__(self, index: ImageIndex, domains: np.ndarray, transform: ImageTransform,
+                 skip_bad_images: bool = False) -> None:
+        self.paths = index.paths
+        self.targets = index.targets
+        self.domains = np.asarray(domains, dtype=np.int64)
+        self.lines = index.lines
+        self.origins: tuple[tuple[str, str], ...] = ((index.root, index.source),)
+        self.origin = np.zeros(len(self.targets), np.int16)
+        self.transform, self.skip_bad_images = transform, skip_bad_images
+
+    @property
+    def default_workers(self) -> int:
+        """One worker per CPU thread of this process, at most 8."""
+        return max(1, min(8, torch.get_num_threads()))
+
+    def path(self, i: int) -> str:
+        return os.path.join(self.origins[self.origin[i]][0], self.paths[i])
+
+    def describe(self, i: int) -> str:
+        """Where sample ``i`` comes from: ``<file> (<list> line <n>)``, or the file alone."""
+        source, line = self.origins[self.origin[i]][1], int(self.lines[i])
+        return f"{self.path(i)} ({source} line {line})" if line else self.path(i)
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+        seeds = getattr(indices, "seeds", None)
+        images, kept = [], []
+        for j, i in enumerate(indices):
+            try:
+                image = read_image(self.path(i))
+            except (OSError, ValueError, RuntimeError) as e:
+                if not self.skip_bad_images:
+                    raise DataError(f"cannot read image {self.describe(i)}: {decode_error_reason(e)}. Replace or "
+                                    "remove it (`tllab-data check` lists every bad file), or set "
+                                    "dataset.skip_bad_images=true.") from None
+                log.warning("skipped unreadable image %s: %s", self.describe(i), decode_error_reason(e))
+                continue
+            seed = None if not self.augment else seeds[j] if seeds is not None else sample_seed(-1, int(i))
+            images.append(self.transform(image, seed))
+            kept.append(i)
+        if not images:
+            raise DataError(f"no image of a batch of {len(indices)} could be read (e.g. {self.describe(indices[0])}); "
+                            "run `tllab-data check` on the dataset.")
+        idx = np.asarray(kept, dtype=np.int64)
+        return torch.cat(images), torch.from_numpy(self.targets[idx]), torch.from_numpy(self.domains[idx])
+
+    def _take(self, indices: np.ndarray) -> FileDataset:
+        return self._replace(paths=self.paths.take(indices), targets=self.targets[indices],
+                             domains=self.domains[indices], lines=self.lines[indices], origin=self.origin[indices])
+
+    @staticmethod
+    def concat(parts: Sequence[FileDataset]) -> FileDataset:
+        origins: list[tuple[str, str]] = []
+        remapped = []
+        for p in parts:
+            ids = []
+            for o in p.origins:
+                if o not in origins:
+                    origins.append(o)
+                ids.append(origins.index(o))
+            remapped.append(np.asarray(ids, np.int16)[p.origin])
+        return parts[0]._replace(paths=PathTable.concat([p.paths for p in parts]),
+                                 targets=np.concatenate([p.targets for p in parts]),
+                                 domains=np.concatenate([p.domains for p in parts]),
+                                 lines=np.concatenate([p.lines for p in parts]),
+                                 origins=tuple(origins), origin=np.concatenate(remapped))
+

@@ -1,0 +1,80 @@
+"""``dataset=image_folder``: torchvision's ``ImageFolder`` layout, one folder per domain.
+
+``<root>/<domain>/<class>/<image>``: every sub-folder of the root is a domain (or
+``dataset.domains`` maps keys to folders, or to ``{train: <folder>, test: <folder>}`` for official
+splits). A domain folder that holds exactly ``train`` and ``test`` is split so:
+``<root>/<domain>/{train,test}/<class>/<image>``. The classes are the sorted class folders, the same
+in every domain used; a domain whose class folders differ from the others is refused by name, unless
+``dataset.classes`` fixes the class list (a domain may then lack some classes). Image extensions as
+torchvision's ``IMG_EXTENSIONS``.
+
+Example:
+    ``tllab-train dataset=image_folder dataset.root=~/photos dataset.source=[studio] dataset.target=[phone]``
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from tllab.data.files import FileDataset, class_folders, scan_image_folder
+from tllab.data.layout import check_root, class_names_from_config, data_root, domain_spec, resolve, transform_of
+from tllab.errors import DataError
+from tllab.schema import DatasetConfig
+
+SPLIT_FOLDERS = ("train", "test")
+
+
+def _folders(name: str, cfg: DatasetConfig) -> tuple[Path, Path]:
+    """The domain's train and test folders: as ``dataset.domains`` says, else ``<domain>/train`` and
+    ``<domain>/test`` when the domain folder holds exactly these two, else the domain folder itself."""
+    spec, root = domain_spec(name, cfg, bare_names=not cfg.domains), data_root(cfg)
+    train, test = resolve(spec.train, root), resolve(spec.test, root)
+    if train == test and train.is_dir() and class_folders(train) == list(SPLIT_FOLDERS):
+        return train / "train", train / "test"
+    return train, test
+
+
+def check_domain(name: str, cfg: DatasetConfig) -> None:
+    root = check_root(cfg, domain_spec(name, cfg, bare_names=not cfg.domains))
+    for folder in set(_folders(name, cfg)):
+        if not folder.is_dir():
+            domains = sorted(e.name for e in (root or Path.cwd()).iterdir() if e.is_dir())
+            raise ValueError(f"domain {name!r}: there is no folder {folder}; domains under {root or Path.cwd()}: "
+                             f"{domains}")
+
+
+def class_names(cfg: DatasetConfig) -> list[str]:
+    """``dataset.classes``, else the class folders, which must be the same in every domain used."""
+    names = class_names_from_config(cfg, data_root(cfg))
+    if names is not None:
+        return names
+    found = {folder: class_folders(folder) for name in [*cfg.source, *cfg.target] for folder in _folders(name, cfg)}
+    union = sorted(set().union(*map(set, found.values())))
+    for folder, classes in found.items():
+        if classes != union:
+            raise DataError(f"{folder} lacks the class folders {sorted(set(union) - set(classes))[:10]} that other "
+                            "domains have; give every domain the same classes, or fix the class list with "
+                            "dataset.classes=[...] (a domain may then lack some).")
+    return union
+
+
+def _read(folder: Path, classes: list[str], cfg: DatasetConfig) -> FileDataset:
+    extra = sorted(set(class_folders(folder)) - set(classes))
+    if extra:
+        raise DataError(f"{folder} has class folders {extra[:10]} that are not in dataset.classes; add them to it "
+                        "or move the folders out.")
+    index = scan_image_folder(folder, classes)
+    if not len(index.targets):
+        raise DataError(f"{folder} holds no images in its class folders (extensions: .jpg .png .bmp .webp ...).")
+    return FileDataset(index, np.zeros(len(index.targets), np.int64), transform_of(cfg), cfg.skip_bad_images)
+
+
+def load_domain(name: str, cfg: DatasetConfig):
+    from tllab.data import Splits
+
+    classes = class_names(cfg)
+    train_folder, test_folder = _folders(name, cfg)
+    train = _read(train_folder, classes, cfg)
+    return Splits(train, train if test_folder == train_folder else _read(test_folder, classes, cfg))
