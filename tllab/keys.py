@@ -29,10 +29,11 @@ def method_name(cfg: TrainConfig) -> str:
 
 
 def task_name(cfg: TrainConfig) -> str:
-    """The column label: ``mnist→mnistm`` (domain adaptation), the held-out target ``mnistm``
-    (domain generalization), ``mnistm 5/class`` or ``mnistm 15%`` (fine-tuning subsets)."""
+    """The column label: ``mnist→mnistm`` or ``A→W`` (domain adaptation), the held-out target ``S``
+    (domain generalization), ``mnistm 5/class`` or ``CUB 15%`` (fine-tuning subsets). Domains are
+    named by their keys (``amazon`` is ``A``; a list file by its stem)."""
     ds = cfg.dataset
-    source, target = "+".join(ds.source), "+".join(ds.target)
+    source, target = "+".join(map(ds.domain_key, ds.source)), "+".join(map(ds.domain_key, ds.target))
     setting = Setting(ds.setting)
     if setting == Setting.da:
         return f"{source}→{target}"
@@ -54,7 +55,7 @@ def group_keys(cfg: TrainConfig) -> dict[str, Any]:
         "regularizer": "+".join(cfg.regularizer) or "none",
         "dataset": cfg.dataset.name,
         "setting": Setting(cfg.dataset.setting).value,
-        "source": "+".join(cfg.dataset.source),
-        "target": "+".join(cfg.dataset.target),
+        "source": "+".join(map(cfg.dataset.domain_key, cfg.dataset.source)),
+        "target": "+".join(map(cfg.dataset.domain_key, cfg.dataset.target)),
         "seed": cfg.seed,
     }

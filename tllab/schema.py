@@ -109,16 +109,21 @@ class DatasetConfig:
     data_seed: int = 0  # seed of the domain generation (mnistm/synth/corruptions)
     root: str | None = None  # data folder of file datasets (else $TLLAB_DATA_DIR/<name>); cache folder of digits
     # File datasets (tllab/data/image_list.py, image_folder.py); the catalog YAMLs fill these in.
-    domains: dict[str, Any] = field(default_factory=dict)  # key -> list/folder, or {train, test, val, subsets}
+    domains: Any = None  # key -> list/folder, or {train, test, val, subsets}
     aliases: dict[str, str] = field(default_factory=dict)  # full domain name -> key (amazon -> A)
     classes: Any = None  # class names by label: a list, or a file with one name per line
     counts: dict[str, int] = field(default_factory=dict)  # images per list file in the published lists
+    label_offset: int = 0  # the lists' first label (tllib's PACS lists count from 1); subtracted on reading
     download: list[Any] = field(default_factory=list)  # [{folder, archive, url, md5}] for `tllab-data download`
     transform: TransformName = TransformName.tllib
     resize_size: int | None = None  # tllib preset: side R of the first resize; null: round(image_size * 256 / 224)
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop scale range
     color_jitter: bool = False  # tllib preset: ColorJitter(0.5, 0.5, 0.5, 0.5) after the flip
     skip_bad_images: bool = False  # leave out images that cannot be read (counted in the log and summary)
+
+    def __post_init__(self) -> None:
+        # Untyped (Any) in the schema so that `dataset.domains={a: a.txt}` can replace it on the command line
+        self.domains = dict(self.domains or {})
 
     def domain_key(self, name: str) -> str:
         """The canonical name of a domain: its key for a full name (``amazon`` -> ``A``), the file

@@ -62,17 +62,22 @@ def _probe(path: str) -> str | None:
     return None
 
 
-def _sources(cfg: DatasetConfig) -> list[tuple[str, str]]:
-    """Every ``(kind, path)`` the dataset names: its lists, or its domain folders."""
+def _sources(cfg: DatasetConfig, domains: list[str] | None) -> list[tuple[str, str]]:
+    """Every ``(kind, path)`` the dataset names (of ``domains``, default all): its lists, or its domain
+    folders."""
     if cfg.family == "image_folder" and not cfg.domains:
         root = data_root(cfg)
         if root is None or not root.is_dir():
             raise DataError(f"dataset root {root} does not exist; give --root <folder with one folder per domain>.")
-        return [("folder", e.name) for e in sorted(os.scandir(root), key=lambda e: e.name) if e.is_dir()]
+        return [("folder", e.name) for e in sorted(os.scandir(root), key=lambda e: e.name)
+                if e.is_dir() and (not domains or e.name in domains)]
     kind = "folder" if cfg.family == "image_folder" else "list"
     out: list[str] = []
-    for key in cfg.domains:
-        spec = domain_spec(key, cfg)
+    for name in domains or cfg.domains:
+        try:
+            spec = domain_spec(name, cfg)
+        except ValueError as e:
+            raise DataError(str(e)) from None
         out += [spec.train, spec.test, *([spec.val] if spec.val else []), *spec.subsets.values()]
     return [(kind, p) for p in dict.fromkeys(out)]
 
@@ -96,11 +101,12 @@ def _index(kind: str, path: str, cfg: DatasetConfig, classes: list[str], report:
         report.problems.append(Problem(str(target), "list file missing"))
         return None
     garbled: list[tuple[int, str]] = []
-    index = read_image_list(target, root or target.parent, garbled)
+    index = read_image_list(target, root or target.parent, garbled, cfg.label_offset)
     report.problems += [Problem(f"{target} line {line}", message) for line, message in garbled]
     for i in np.flatnonzero(index.targets >= len(classes)):
         report.problems.append(Problem(f"{target} line {index.lines[i]}",
-                                       f"label {index.targets[i]} is out of range (0..{len(classes) - 1})"))
+                                       f"label {index.targets[i] + cfg.label_offset} is out of range "
+                                       f"({cfg.label_offset}..{len(classes) - 1 + cfg.label_offset})"))
     return index
 
 
@@ -117,9 +123,10 @@ def _classes(cfg: DatasetConfig, sources: list[tuple[str, str]]) -> list[str]:
     return DATASETS[cfg.family].class_names(cfg)
 
 
-def check_dataset(cfg: DatasetConfig, workers: int | None = None) -> list[ListReport]:
-    """Check every list or folder of ``cfg`` (see the module docstring)."""
-    sources = _sources(cfg)
+def check_dataset(cfg: DatasetConfig, workers: int | None = None, domains: list[str] | None = None
+                  ) -> list[ListReport]:
+    """Check every list or folder of ``cfg``, or of its ``domains`` (see the module docstring)."""
+    sources = _sources(cfg, domains)
     classes = _classes(cfg, sources)
     reports, jobs = [], []
     for kind, path in sources:

@@ -3,7 +3,7 @@
 ::
 
     tllab-data list                                      # the catalog: domains, classes, images, on disk?
-    tllab-data check office31 [--root DIR]               # every file there and decodable, counts, labels
+    tllab-data check office31 [--root DIR] [--domains A,W]  # every file there and decodable, counts, labels
     tllab-data download office31 [--root DIR]            # the published archives (needs internet)
     tllab-data prepare image-list TREE OUT [--test-fraction 0.2]   # lists for <TREE>/<domain>/<class>/*
     tllab-data export digits [DIR]                       # the embedded digits as image files + lists
@@ -83,7 +83,7 @@ def _status(cfg: DatasetConfig) -> str:
         return f"incomplete: {len(missing_lists)} of {len(lists)} lists missing (e.g. {missing_lists[0]})"
     missing = 0
     for p in lists:
-        index = read_image_list(root / p, root, problems=[])
+        index = read_image_list(root / p, root, problems=[], label_offset=cfg.label_offset)
         if cfg.counts.get(p, len(index.targets)) != len(index.targets):
             return f"incomplete: {p} lists {len(index.targets)} images, the published list {cfg.counts[p]}"
         missing += sum(not os.path.exists(os.path.join(root, index.paths[i])) for i in range(len(index.paths)))
@@ -114,7 +114,7 @@ def _check(args: argparse.Namespace) -> int:
     from tllab.data.check import check_dataset, format_report
 
     cfg = dataset_config(args.dataset, args.root, args.overrides)
-    reports = check_dataset(cfg, args.workers)
+    reports = check_dataset(cfg, args.workers, args.domains.split(",") if args.domains else None)
     print(format_report(reports))
     bad = sum(len(r.problems) for r in reports)
     print(f"\n{args.dataset}: {sum(r.readable for r in reports)} images readable, {bad} problem(s)"
@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("dataset", help="a dataset of `tllab-data list`, or image_list / image_folder")
         p.add_argument("--root", type=Path, help="where it is (default: dataset.root, else $TLLAB_DATA_DIR/<name>)")
     check.add_argument("--workers", type=int, help="decoding processes (default: one per CPU)")
+    check.add_argument("--domains", help="only these domains, comma-separated (default: all)")
     check.add_argument("overrides", nargs="*", help="dataset keys, e.g. 'domains={a: lists/a.txt}'")
     prepare = sub.add_parser("prepare", help="write tllib-format lists for a folder tree of your own images")
     prepare.add_argument("what", choices=["image-list"])

@@ -100,7 +100,8 @@ class ImageIndex:
     lines: np.ndarray
 
 
-def read_image_list(list_file: Path, root: Path, problems: list[tuple[int, str]] | None = None) -> ImageIndex:
+def read_image_list(list_file: Path, root: Path, problems: list[tuple[int, str]] | None = None,
+                    label_offset: int = 0) -> ImageIndex:
     """Parse a tllib-format list (see the module docstring).
 
     Args:
@@ -108,6 +109,8 @@ def read_image_list(list_file: Path, root: Path, problems: list[tuple[int, str]]
         root: the folder relative image paths are joined to.
         problems: collect ``(line, message)`` for every malformed line here and go on, instead of
             raising at the first (``tllab-data check``).
+        label_offset: the first label of the list (1 for lists that count from 1); labels are shifted so
+            that it becomes 0.
 
     Raises:
         DataError: the file is missing or empty, or a line has no integer label (names the line).
@@ -122,15 +125,15 @@ def read_image_list(list_file: Path, root: Path, problems: list[tuple[int, str]]
             parts = raw.rsplit(None, 1)
             if not parts:
                 continue
-            if len(parts) != 2 or not parts[1].isdigit():
-                message = f"is not '<path> <label>': {raw.strip()[:120]!r}"
+            if len(parts) != 2 or not parts[1].isdigit() or int(parts[1]) < label_offset:
+                message = f"is not '<path> <label>': {raw.strip()[:120].decode(errors='replace')!r}"
                 if problems is None:
-                    raise DataError(f"{list_file} line {number} {message}; fix the line (the label is a non-negative "
-                                    "integer, the last token).")
+                    raise DataError(f"{list_file} line {number} {message}; fix the line (the label is an integer "
+                                    f">= {label_offset}, the last token).")
                 problems.append((number, message))
                 continue
             paths.append(parts[0].strip())
-            labels.append(int(parts[1]))
+            labels.append(int(parts[1]) - label_offset)
             lines.append(number)
     if not paths and problems is None:
         raise DataError(f"image list {list_file} holds no samples; it should have one '<path> <label>' a line.")

@@ -31,7 +31,7 @@ def _folders(name: str, cfg: DatasetConfig) -> tuple[Path, Path]:
     ``<domain>/test`` when the domain folder holds exactly these two, else the domain folder itself."""
     spec, root = domain_spec(name, cfg, bare_names=not cfg.domains), data_root(cfg)
     train, test = resolve(spec.train, root), resolve(spec.test, root)
-    if train == test and train.is_dir() and class_folders(train) == list(SPLIT_FOLDERS):
+    if train == test and train.is_dir() and set(class_folders(train)) == set(SPLIT_FOLDERS):
         return train / "train", train / "test"
     return train, test
 

@@ -48,14 +48,15 @@ def read_list(path: str, cfg: DatasetConfig) -> FileDataset:
     number of classes and the image count against the published list (a warning)."""
     root = data_root(cfg)
     list_file = resolve(path, root)
-    index = read_image_list(list_file, root or list_file.parent)
+    index = read_image_list(list_file, root or list_file.parent, label_offset=cfg.label_offset)
     num_classes = len(class_names(cfg))
     bad = np.flatnonzero(index.targets >= num_classes)
     if len(bad):
         i = bad[0]
-        raise DataError(f"{list_file} line {index.lines[i]}: label {index.targets[i]} but {cfg.name} has {num_classes} "
-                        f"classes (labels 0..{num_classes - 1}; {len(bad)} such lines); fix the list or set "
-                        "dataset.num_classes.")
+        first = cfg.label_offset
+        raise DataError(f"{list_file} line {index.lines[i]}: label {index.targets[i] + first} but {cfg.name} has "
+                        f"{num_classes} classes (labels {first}..{num_classes - 1 + first}; {len(bad)} such lines); "
+                        "fix the list or set dataset.num_classes (or dataset.label_offset).")
     expected = cfg.counts.get(path)
     if expected is not None and expected != len(index.targets):
         log.warning("%s lists %d images, the published list %d: check the download (`tllab-data check %s`)",
