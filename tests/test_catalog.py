@@ -113,9 +113,9 @@ def test_finetune_sample_rates_are_the_published_fixed_subsets(cub):
     subsets = []
     for seed in (0, 1):
         data = build_data(resolve_config(compose_config([*base, "dataset.sample_rate=15"]))[0].dataset, seed)
-        subsets.append(sorted(data.train.paths[i] for i in range(len(data.train))))
+        subsets.append(sorted(data.train.path(i) for i in range(len(data.train))))
         assert data.selection_split is None and set(data.eval_splits) == {"target_test"}  # tllib: no validation
-    assert subsets[0] == subsets[1] == sorted(p for p, _ in lists["train_15"])  # the same file for every seed
+    assert subsets[0] == subsets[1] == sorted(str(root / p) for p, _ in lists["train_15"])  # the same for every seed
     with pytest.raises(ConfigError, match=r"sample_rate=20: cub200 CUB ships fixed subsets for 15, 30, 50, 100"):
         build_data(resolve_config(compose_config([*base, "dataset.sample_rate=20"]))[0].dataset, 0)
     data = build_data(resolve_config(compose_config([*base, "dataset.labels_per_class=2"]))[0].dataset, 0)

@@ -49,13 +49,19 @@ def data_for(*overrides: str, seed: int = 0):
     return build_data(cfg.dataset, seed)
 
 
-def test_path_table_packs_gathers_and_concatenates():
-    table = PathTable.from_bytes([b"a/1.jpg", b"dir with space/2.png", b"", "\u00e9t\u00e9/3.jpg".encode()])
-    assert [table[i] for i in range(4)] == ["a/1.jpg", "dir with space/2.png", "", "\u00e9t\u00e9/3.jpg"]
-    taken = table.take(np.array([3, 1, 1]))
-    assert [taken[i] for i in range(3)] == ["\u00e9t\u00e9/3.jpg", "dir with space/2.png", "dir with space/2.png"]
-    both = PathTable.concat([taken, table.take(np.array([0]))])
-    assert [both[i] for i in range(4)] == [taken[0], taken[1], taken[2], "a/1.jpg"]
+def test_path_table_packs_strings_in_chunks():
+    items = [b"a/1.jpg", b"dir with space/2.png", b"", "\u00e9t\u00e9/3.jpg".encode()]
+    table = PathTable.from_chunks([items[:3], [], items[3:]])
+    assert [table[i] for i in range(len(table))] == ["a/1.jpg", "dir with space/2.png", "", "\u00e9t\u00e9/3.jpg"]
+    assert len(PathTable.from_bytes([])) == 0
+
+
+def test_subsets_and_concatenations_share_the_indexes(photo_list):
+    data = photo_data(photo_list)
+    train, val = data.train, data.eval_splits["source_val"]
+    both = type(train).concat([train, val, train.subset(np.array([0]))])
+    assert len(both.indexes) == 1 and both.indexes[0] is train.indexes[0]  # one list read once, no path copied
+    assert both.path(len(both) - 1) == train.path(0) and both.describe(0).endswith(f"all.txt line {train.row[0] + 1})")
 
 
 def test_image_list_format_is_tllibs(tmp_path):

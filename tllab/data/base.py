@@ -23,17 +23,20 @@ def _identity(batch):
 def to_model_input(images: Tensor, image_size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     r"""``uint8`` images :math:`(N, 3, H, W)` as the model's input: scaled to :math:`[0, 1]`, resized to
     ``image_size`` (bilinear, only when the size differs; antialiased when it shrinks) and normalised,
-    :math:`(x - mean) / std`.
+    :math:`(x / 255 - mean) / std`, as one contiguous ``float32`` NCHW tensor (whatever the source layout,
+    so that the same pixels give the same convolution numerics).
 
     Example:
         >>> to_model_input(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8), 2, [0.5] * 3, [0.5] * 3).max()
         tensor(1.)
     """
-    x = images.float().div_(255).contiguous()  # NCHW whatever the source layout: the same conv numerics
-    if x.shape[-2:] != (image_size, image_size):
-        x = F.interpolate(x, size=image_size, mode="bilinear", align_corners=False,
-                          antialias=max(x.shape[-2:]) > image_size)
-    return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    mean_t, std_t = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    x = images.contiguous().float()
+    if x.shape[-2:] == (image_size, image_size):  # one fused pass: x * (1 / (255 std)) - mean / std
+        return x.mul_(1 / (255 * std_t)).sub_(mean_t / std_t)
+    x = F.interpolate(x.div_(255), size=image_size, mode="bilinear", align_corners=False,
+                      antialias=max(x.shape[-2:]) > image_size)
+    return (x - mean_t) / std_t
 
 
 class ImageSet(Dataset):

@@ -22,7 +22,7 @@ import array
 import io
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +53,8 @@ class PathTable:
 
     Example:
         >>> t = PathTable.from_bytes([b"a/1.jpg", b"b c/2.png"])
-        >>> t[1], len(t.take(np.array([1, 1, 0])))
-        ('b c/2.png', 3)
+        >>> t[1], len(t)
+        ('b c/2.png', 2)
     """
 
     def __init__(self, blob: np.ndarray, offsets: np.ndarray) -> None:
@@ -62,30 +62,24 @@ class PathTable:
 
     @classmethod
     def from_bytes(cls, items: Sequence[bytes]) -> PathTable:
-        lengths = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
-        offsets = np.zeros(len(items) + 1, np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        return cls(np.frombuffer(b"".join(items), dtype=np.uint8), offsets)
+        return cls.from_chunks([items])
+
+    @classmethod
+    def from_chunks(cls, chunks: Iterable[Sequence[bytes]]) -> PathTable:
+        """Build from successive chunks of strings (only one chunk is ever held as Python objects)."""
+        blobs, lengths = [], []
+        for items in chunks:
+            blobs.append(b"".join(items))
+            lengths.append(np.fromiter(map(len, items), dtype=np.int64, count=len(items)))
+        offsets = np.zeros(sum(map(len, lengths)) + 1, np.int64)
+        np.cumsum(np.concatenate(lengths) if lengths else [], out=offsets[1:])
+        return cls(np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> str:
         return os.fsdecode(self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes())
-
-    def take(self, indices: np.ndarray) -> PathTable:
-        """The strings at ``indices``, gathered without a Python loop."""
-        starts, lengths = self.offsets[indices], np.diff(self.offsets)[indices]
-        offsets = np.zeros(len(indices) + 1, np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        source = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
-        return PathTable(self.blob[source], offsets)
-
-    @staticmethod
-    def concat(tables: Sequence[PathTable]) -> PathTable:
-        shifts = np.cumsum([0] + [len(t.blob) for t in tables[:-1]])
-        offsets = np.concatenate([tables[0].offsets[:1]] + [t.offsets[1:] + s for t, s in zip(tables, shifts)])
-        return PathTable(np.concatenate([t.blob for t in tables]), offsets)
 
 
 @dataclass(frozen=True)
@@ -118,26 +112,34 @@ def read_image_list(list_file: Path, root: Path, problems: list[tuple[int, str]]
     if not list_file.is_file():
         raise DataError(f"image list {list_file} does not exist; check dataset.root ({root}) and dataset.domains, "
                         "or fetch the data with `tllab-data download <dataset>`.")
-    paths: list[bytes] = []
     labels, lines = array.array("q"), array.array("i")  # compact while the list is read
-    with open(list_file, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            parts = raw.rsplit(None, 1)
-            if not parts:
-                continue
-            if len(parts) != 2 or not parts[1].isdigit() or int(parts[1]) < label_offset:
-                message = f"is not '<path> <label>': {raw.strip()[:120].decode(errors='replace')!r}"
-                if problems is None:
-                    raise DataError(f"{list_file} line {number} {message}; fix the line (the label is an integer "
-                                    f">= {label_offset}, the last token).")
-                problems.append((number, message))
-                continue
-            paths.append(parts[0].strip())
-            labels.append(int(parts[1]) - label_offset)
-            lines.append(number)
-    if not paths and problems is None:
+
+    def chunks() -> Iterator[list[bytes]]:
+        chunk: list[bytes] = []
+        with open(list_file, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                parts = raw.rsplit(None, 1)
+                if not parts:
+                    continue
+                if len(parts) != 2 or not parts[1].isdigit() or int(parts[1]) < label_offset:
+                    message = f"is not '<path> <label>': {raw.strip()[:120].decode(errors='replace')!r}"
+                    if problems is None:
+                        raise DataError(f"{list_file} line {number} {message}; fix the line (the label is an "
+                                        f"integer >= {label_offset}, the last token).")
+                    problems.append((number, message))
+                    continue
+                chunk.append(parts[0].strip())
+                labels.append(int(parts[1]) - label_offset)
+                lines.append(number)
+                if len(chunk) == 65536:
+                    yield chunk
+                    chunk = []
+        yield chunk
+
+    paths = PathTable.from_chunks(chunks())
+    if not len(paths) and problems is None:
         raise DataError(f"image list {list_file} holds no samples; it should have one '<path> <label>' a line.")
-    return ImageIndex(str(root), str(list_file), PathTable.from_bytes(paths), np.frombuffer(labels, np.int64),
+    return ImageIndex(str(root), str(list_file), paths, np.frombuffer(labels, np.int64),
                       np.frombuffer(lines, np.int32))
 
 
@@ -195,6 +197,9 @@ def decode_error_reason(exc: Exception) -> str:
 class FileDataset(ImageSet):
     """Images read from files, one batch at a time (see the module docstring).
 
+    A sample is a row of one of the dataset's :class:`ImageIndex` (``indexes[index_of[i]]``, row
+    ``row[i]``): subsets and concatenations copy two small integer arrays, never the paths.
+
     Args:
         index: the files, labels and origins of one list or folder.
         domains: domain index of each image.
@@ -212,12 +217,11 @@ class FileDataset(ImageSet):
 
     def __init__(self, index: ImageIndex, domains: np.ndarray, transform: ImageTransform,
                  skip_bad_images: bool = False) -> None:
-        self.paths = index.paths
+        self.indexes: tuple[ImageIndex, ...] = (index,)
+        self.index_of = np.zeros(len(index.targets), np.int16)
+        self.row = np.arange(len(index.targets), dtype=np.int64)
         self.targets = index.targets
         self.domains = np.asarray(domains, dtype=np.int64)
-        self.lines = index.lines
-        self.origins: tuple[tuple[str, str], ...] = ((index.root, index.source),)
-        self.origin = np.zeros(len(self.targets), np.int16)
         self.transform, self.skip_bad_images = transform, skip_bad_images
 
     @property
@@ -226,12 +230,14 @@ class FileDataset(ImageSet):
         return max(1, min(8, torch.get_num_threads()))
 
     def path(self, i: int) -> str:
-        return os.path.join(self.origins[self.origin[i]][0], self.paths[i])
+        index = self.indexes[self.index_of[i]]
+        return os.path.join(index.root, index.paths[self.row[i]])
 
     def describe(self, i: int) -> str:
         """Where sample ``i`` comes from: ``<file> (<list> line <n>)``, or the file alone."""
-        source, line = self.origins[self.origin[i]][1], int(self.lines[i])
-        return f"{self.path(i)} ({source} line {line})" if line else self.path(i)
+        index = self.indexes[self.index_of[i]]
+        line = int(index.lines[self.row[i]])
+        return f"{self.path(i)} ({index.source} line {line})" if line else self.path(i)
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
         seeds = getattr(indices, "seeds", None)
@@ -253,26 +259,24 @@ class FileDataset(ImageSet):
             raise DataError(f"no image of a batch of {len(indices)} could be read (e.g. {self.describe(indices[0])}); "
                             "run `tllab-data check` on the dataset.")
         idx = np.asarray(kept, dtype=np.int64)
-        return torch.cat(images), torch.from_numpy(self.targets[idx]), torch.from_numpy(self.domains[idx])
+        return self.transform.batch(images), torch.from_numpy(self.targets[idx]), torch.from_numpy(self.domains[idx])
 
     def _take(self, indices: np.ndarray) -> FileDataset:
-        return self._replace(paths=self.paths.take(indices), targets=self.targets[indices],
-                             domains=self.domains[indices], lines=self.lines[indices], origin=self.origin[indices])
+        return self._replace(index_of=self.index_of[indices], row=self.row[indices], targets=self.targets[indices],
+                             domains=self.domains[indices])
 
     @staticmethod
     def concat(parts: Sequence[FileDataset]) -> FileDataset:
-        origins: list[tuple[str, str]] = []
+        indexes: list[ImageIndex] = []
         remapped = []
         for p in parts:
             ids = []
-            for o in p.origins:
-                if o not in origins:
-                    origins.append(o)
-                ids.append(origins.index(o))
-            remapped.append(np.asarray(ids, np.int16)[p.origin])
-        return parts[0]._replace(paths=PathTable.concat([p.paths for p in parts]),
+            for index in p.indexes:
+                if not any(index is known for known in indexes):
+                    indexes.append(index)
+                ids.append(next(k for k, known in enumerate(indexes) if known is index))
+            remapped.append(np.asarray(ids, np.int16)[p.index_of])
+        return parts[0]._replace(indexes=tuple(indexes), index_of=np.concatenate(remapped),
+                                 row=np.concatenate([p.row for p in parts]),
                                  targets=np.concatenate([p.targets for p in parts]),
-                                 domains=np.concatenate([p.domains for p in parts]),
-                                 lines=np.concatenate([p.lines for p in parts]),
-                                 origins=tuple(origins), origin=np.concatenate(remapped))
-
+                                 domains=np.concatenate([p.domains for p in parts]))

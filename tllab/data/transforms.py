@@ -29,7 +29,7 @@ PRESETS = ("tllib", "resize")
 
 
 class ImageTransform:
-    """One image in, one model input out: ``transform(image, seed)``.
+    """``transform(image, seed)`` transforms one image; ``transform.batch(images)`` makes the model input.
 
     Args:
         preset: ``tllib`` or ``resize`` (see the module docstring).
@@ -44,11 +44,12 @@ class ImageTransform:
     state is left as it was).
 
     Shape:
-        ``uint8`` :math:`(3, H, W)` in, ``float32`` :math:`(1, 3, S, S)` out.
+        ``transform``: ``uint8`` :math:`(3, H, W)` in, ``uint8`` :math:`(3, S, S)` out (``resize``: the image
+        as it is). ``batch``: a list of those in, ``float32`` :math:`(N, 3, S, S)` out.
 
     Example:
         >>> t = ImageTransform("tllib", 224)
-        >>> t(torch.zeros(3, 300, 400, dtype=torch.uint8), seed=1).shape
+        >>> t.batch([t(torch.zeros(3, 300, 400, dtype=torch.uint8), seed=1)]).shape
         torch.Size([1, 3, 224, 224])
     """
 
@@ -77,16 +78,22 @@ class ImageTransform:
         self._eval = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(self.image_size)])
 
     def __call__(self, image: Tensor, seed: int | None = None) -> Tensor:
-        if self.preset == "tllib":
-            if self._train is None:
-                self._build()
-            if seed is None:
-                image = self._eval(image)
-            else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    image = self._train(image)
-        return to_model_input(image[None], self.image_size, self.mean, self.std)
+        if self.preset == "resize":
+            return image  # resized with the batch, in float, as the in-memory digits are
+        if self._train is None:
+            self._build()
+        if seed is None:
+            return self._eval(image)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self._train(image)
+
+    def batch(self, images: list[Tensor]) -> Tensor:
+        """Normalised float images :math:`(N, 3, S, S)` (one pass when they all have the output size)."""
+        size = (self.image_size, self.image_size)
+        if all(img.shape[-2:] == size for img in images):
+            return to_model_input(torch.stack(images), self.image_size, self.mean, self.std)
+        return torch.cat([to_model_input(img[None], self.image_size, self.mean, self.std) for img in images])
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_train": None, "_eval": None}  # rebuilt in each DataLoader worker
