@@ -263,3 +263,22 @@ def test_sampler_streams_shard_seeds_like_indices():
     for whole, a, b in zip(single, *shards):
         assert whole == a + b and whole.seeds == a.seeds + b.seeds
     assert len(set(s for batch in single for s in batch.seeds)) == 32  # one seed per stream position
+
+
+@pytest.mark.slow
+def test_ddp_on_a_file_dataset_equals_one_process_on_the_concatenated_batch(photo_list, tmp_path):
+    """Augmented crops included: each sample's draws depend on its stream position, not on its rank."""
+    common = ["dataset=image_list", "dataset.num_classes=4", "dataset.image_size=16", "dataset.color_jitter=true",
+              f"dataset.source=[{photo_list}]", f"dataset.target=[{photo_list}]", "optim=sgd", "seed=3",
+              "trainer.max_steps=4", "trainer.eval_every=2", "trainer.quiet=true", "trainer.precision=float64",
+              "trainer.num_workers=1"]
+    run(compose_config([*common, "trainer=ddp", "trainer.devices=2", "trainer.sync_bn=true",
+                        "trainer.batch_size=8"]), tmp_path / "ddp")
+    run(compose_config([*common, "trainer.batch_size=16"]), tmp_path / "single")
+    ddp = torch.load(tmp_path / "ddp/checkpoints/last.pt", weights_only=True)["model"]
+    single = torch.load(tmp_path / "single/checkpoints/last.pt", weights_only=True)["model"]
+    for key, value in single.items():
+        torch.testing.assert_close(ddp[key], value, atol=1e-9, rtol=1e-9, msg=key)
+    for a, b in zip(records(tmp_path / "ddp"), records(tmp_path / "single")):
+        assert a["target_test/acc"] == b["target_test/acc"]
+        assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-9)

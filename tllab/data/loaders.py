@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -157,6 +158,7 @@ class ForeverLoader:
             self._it = iter(DataLoader(self.dataset, batch_sampler=_Keyed(sampler), num_workers=self.num_workers,
                                        collate_fn=getattr(self.dataset, "collate_fn", None),
                                        persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory,
+                                       multiprocessing_context=_worker_context(self.num_workers),
                                        generator=_own_generator(self.seed, self.batches)))
         self.batches += 1
         return next(self._it)
@@ -184,15 +186,22 @@ def _workers(dataset: Dataset, num_workers: int | None) -> int:
     return getattr(dataset, "default_workers", 0) if num_workers is None else num_workers
 
 
+def _worker_context(num_workers: int) -> str | None:
+    """Fork DataLoader workers where the platform can: a process started by ``trainer=ddp`` (spawned)
+    would otherwise spawn them too, re-importing torch for every evaluation's loader (about 1.7 s each)."""
+    return "fork" if num_workers and sys.platform == "linux" else None
+
+
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int | None = None, rank: int = 0, world: int = 1,
                 pin_memory: bool = False) -> DataLoader:
     """Sequential, unshuffled batches over rank ``rank``'s contiguous part of the dataset (all of
     it in one process): every sample is evaluated by exactly one rank."""
     lo, hi = len(dataset) * rank // world, len(dataset) * (rank + 1) // world
     sampler = BatchSampler(range(lo, hi), batch_size, drop_last=False)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=_workers(dataset, num_workers),
+    workers = _workers(dataset, num_workers)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                       collate_fn=getattr(dataset, "collate_fn", None), pin_memory=pin_memory,
-                      generator=_own_generator(0, 0))
+                      multiprocessing_context=_worker_context(workers), generator=_own_generator(0, 0))
 
 
 def _own_generator(seed: int, position: int) -> torch.Generator:
