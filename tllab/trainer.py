@@ -342,8 +342,13 @@ class Trainer:
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=self.cfg.trainer.quiet or not self.main,
                    desc="train", dynamic_ncols=True)
-        with bar, logging_redirect_tqdm():  # log lines print above the progress bar
-            self._train_until_done(bar, wandb_run)
+        try:
+            with bar, logging_redirect_tqdm():  # log lines print above the progress bar
+                self._train_until_done(bar, wandb_run)
+        finally:
+            for loader in (self.source_loader, self.target_loader):
+                if loader is not None:
+                    loader.close()
         return self._finish()
 
     def _train_until_done(self, bar: tqdm, wandb_run: WandbRun | None) -> None:

@@ -170,6 +170,10 @@ class ForeverLoader:
         self.batches = int(state["batches"])
         self._it = None
 
+    def close(self) -> None:
+        """Stop the worker processes now, not at interpreter exit (where their shutdown can wait)."""
+        self._it = None
+
 
 class _Keyed(Sampler[Batch]):
     """A training sampler's :meth:`keyed` batches (a DataLoader iterates its sampler once)."""
