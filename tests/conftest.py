@@ -36,6 +36,26 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         return compose("train", overrides=[f"hydra.searchpath=[file://{TESTS / 'configs'}]", *overrides])
 
 
+def interrupt_then_resume(train: Callable[[Path], Any], run_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                          at_step: int = 5) -> None:
+    """``train(run_dir)`` killed (KeyboardInterrupt) as it starts step ``at_step + 1``, then run again
+    to the end in the same run dir."""
+    from tllab.trainer import Trainer
+
+    original = Trainer.train_step
+
+    def crash(self):
+        if self.step == at_step:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(run_dir)
+    monkeypatch.setattr(Trainer, "train_step", original)
+    train(run_dir)
+
+
 @pytest.fixture
 def compose_cfg() -> Callable[..., DictConfig]:
     return compose_config

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import FAST, compose_config
+from tests.conftest import FAST, compose_config, interrupt_then_resume
 from tests.image_fixtures import write_jpeg, write_list
 from tllab.data import build_data
 from tllab.data.export import export_digits
@@ -229,25 +229,12 @@ def _env() -> dict[str, str]:
 
 
 def test_file_dataset_resume_is_bit_identical(photo_list, tmp_path, monkeypatch):
-    from tllab.trainer import Trainer
-
     overrides = [*FAST, "dataset=image_list", "dataset.num_classes=4", "dataset.image_size=16",
                  f"dataset.source=[{photo_list}]", f"dataset.target=[{photo_list}]", "trainer.batch_size=8",
                  "trainer.deterministic=true", "trainer.max_steps=9", "trainer.eval_every=3", "optim=sgd",
                  "trainer.num_workers=2"]
     run(compose_config(overrides), tmp_path / "a")
-    original = Trainer.train_step
-
-    def crash_at_step_5(self):
-        if self.step == 5:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        run(compose_config(overrides), tmp_path / "b")
-    monkeypatch.setattr(Trainer, "train_step", original)
-    run(compose_config(overrides), tmp_path / "b")
+    interrupt_then_resume(lambda d: run(compose_config(overrides), d), tmp_path / "b", monkeypatch)
     assert [r["step"] for r in records(tmp_path / "b")] == [3, 6, 9]
     assert results(tmp_path / "a") == results(tmp_path / "b")
     wa = torch.load(tmp_path / "a/checkpoints/last.pt", weights_only=True)["model"]

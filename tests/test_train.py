@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import FAST, compose_config
+from tests.conftest import FAST, compose_config, interrupt_then_resume
 from tllab.errors import NonFiniteLossError
 from tllab.train import resolve_config
 from tllab.trainer import Trainer
@@ -66,20 +66,13 @@ def test_resume_after_interruption_matches_uninterrupted_run(train_run, tmp_path
                  "regularizer=[noisy]")
     train_run(*overrides, run_dir=tmp_path / "a")
 
-    original = Trainer.train_step
+    def train(run_dir):
+        if (run_dir / "checkpoints/last.pt").exists():  # the second call: after the interruption
+            assert not (run_dir / "done").exists()
+            assert torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["step"] == 3
+        train_run(*overrides, run_dir=run_dir)
 
-    def crash_at_step_5(self):
-        if self.step == 5:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        train_run(*overrides, run_dir=tmp_path / "b")
-    assert not (tmp_path / "b" / "done").exists()
-    assert torch.load(tmp_path / "b/checkpoints/last.pt", weights_only=True)["step"] == 3
-    monkeypatch.setattr(Trainer, "train_step", original)
-    train_run(*overrides, run_dir=tmp_path / "b")
+    interrupt_then_resume(train, tmp_path / "b", monkeypatch)
 
     def metrics(run):
         return [{k: v for k, v in r.items() if k != "time"} for r in records(tmp_path / run)]
