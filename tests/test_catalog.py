@@ -178,6 +178,9 @@ def test_check_passes_on_good_data_and_list_shows_the_status(tmp_path, capsys, m
     assert code == 0 and "incomplete: 6 of 8 lists missing" in rows["digits_files"]
     assert "A amazon 2817, D dslr 498, W webcam 795" in rows["office31"] and rows["office31"].endswith("absent")
     assert "c clipart 33525+14604" in rows["domainnet"]
+    (tmp_path / "office_caltech" / "amazon").mkdir(parents=True)
+    code, out, _ = tllab_data("list", capsys=capsys)
+    assert "incomplete: folder dslr missing" in out
     for name in CATALOG:
         assert name in rows
 

@@ -115,7 +115,7 @@ class DatasetConfig:
     counts: dict[str, int] = field(default_factory=dict)  # images per list file in the published lists
     label_offset: int = 0  # the lists' first label (tllib's PACS lists count from 1); subtracted on reading
     download: list[Any] = field(default_factory=list)  # [{folder, archive, url, md5}] for `tllab-data download`
-    transform: TransformName = TransformName.tllib
+    transform: TransformName = TransformName.resize  # file datasets: image_list.yaml sets tllib
     resize_size: int | None = None  # tllib preset: side R of the first resize; null: round(image_size * 256 / 224)
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop scale range
     color_jitter: bool = False  # tllib preset: ColorJitter(0.5, 0.5, 0.5, 0.5) after the flip

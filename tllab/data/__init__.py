@@ -1,7 +1,8 @@
 """Datasets as domains, and the one data layout every setting shares.
 
-A dataset family maps a domain name to its ``(train, test)`` splits. :func:`build_data` turns the
-``dataset`` config into a :class:`DataModule`:
+A dataset family (``dataset.family``: ``digits`` in memory, ``image_list`` and ``image_folder`` on
+disk) maps a domain name to its :class:`Splits` (train, test, and an official validation split where
+the benchmark has one). :func:`build_data` turns the ``dataset`` config into a :class:`DataModule`:
 
 =========  ===========================================  ===================================
 setting    labelled training set                          evaluation splits
@@ -12,6 +13,8 @@ dg         the same (several sources; target unseen)    source_val, source_test,
 finetune   a labelled subset of the target train split  target_val, target_test, source_test
            (``labels_per_class`` or ``sample_rate``)
 =========  ===========================================  ===================================
+
+Training sets draw random transforms (file datasets' ``tllib`` preset), evaluation sets do not.
 
 With several domains in a role, each also gets its own split (``target_test/uci``).
 Model selection uses ``selection_split`` (``source_val``, or ``target_val`` when fine-tuning).

@@ -76,6 +76,10 @@ def _status(cfg: DatasetConfig) -> str:
         return "no root ($TLLAB_DATA_DIR unset)"
     if not root.is_dir():
         return "absent"
+    if cfg.family == "image_folder":
+        folders = [domain_spec(key, cfg).train for key in cfg.domains]
+        missing = [f for f in folders if not (root / f).is_dir()]
+        return f"incomplete: folder {missing[0]} missing" if missing else "complete (folders present)"
     lists = list(dict.fromkeys(p for key in cfg.domains for s in [domain_spec(key, cfg)]
                                for p in [s.train, s.test, s.val, *s.subsets.values()] if p))
     missing_lists = [p for p in lists if not (root / p).is_file()]
