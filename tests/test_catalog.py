@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import io
 import logging
+import os
 import shlex
 import shutil
 import tarfile
@@ -42,15 +43,11 @@ def test_catalog_entries_are_consistent(name):
     cfg = dataset_config(name)
     assert cfg.family in ("image_list", "image_folder") and cfg.domains
     assert len(cfg.classes) == cfg.num_classes == len(set(cfg.classes))
-    files = set()
-    for key in cfg.domains:
-        spec = domain_spec(key, cfg)
-        files |= {spec.train, spec.test, *([spec.val] if spec.val else []), *spec.subsets.values()}
+    files = {f for key in cfg.domains for f in domain_spec(key, cfg).files()}
     assert set(cfg.counts) <= files, "a published count for a file the domains do not name"
     assert all(domain_spec(alias, cfg).key == key for alias, key in cfg.aliases.items())
     assert all({"folder", "archive", "url"} <= set(entry) for entry in cfg.download)
-    for role in (cfg.source, cfg.target):
-        assert all(domain_spec(d, cfg) for d in role)
+    assert {domain_spec(d, cfg).key for d in [*cfg.source, *cfg.target]} <= set(cfg.domains)
 
 
 @pytest.mark.parametrize(("overrides", "task"), [
@@ -173,6 +170,9 @@ def test_check_passes_on_good_data_and_list_shows_the_status(tmp_path, capsys, m
     monkeypatch.setenv("TLLAB_DATA_DIR", str(tmp_path))
     code, out, _ = tllab_data("check", "digits_files", "--domains", "uci", capsys=capsys)
     assert code == 0 and "digits_files: 1797 images readable, 0 problem(s)" in out
+    code, out, _ = tllab_data("check", "image_folder", "--root", str(tmp_path / "digits_files"), capsys=capsys)
+    assert code == 0 and "image_folder: 1797 images readable, 0 problem(s)" in out  # uci/{train,test}, not classes
+    assert f"{tmp_path}/digits_files/uci/train " in out
     code, out, _ = tllab_data("list", capsys=capsys)
     rows = {line.split()[0]: line for line in out.splitlines() if line.strip()}
     assert code == 0 and "incomplete: 6 of 8 lists missing" in rows["digits_files"]
@@ -187,22 +187,29 @@ def test_check_passes_on_good_data_and_list_shows_the_status(tmp_path, capsys, m
 
 def test_prepare_writes_lists_a_user_can_train_on(tmp_path, capsys):
     tree = tmp_path / "photos"
-    for d, domain in enumerate(("studio", "phone")):
+    for d, domain in enumerate(("studio_lights", "phone")):
         for c, cls in enumerate(("cat", "dog", "owl")):
             for k in range(5):
                 write_jpeg(tree / domain / cls / f"{k}.jpg", seed=100 * d + 10 * c + k)
+    odd = os.fsencode(tree / "studio_lights" / "owl") + b"/caf\xe9.jpg"  # a name that is not UTF-8
+    os.rename(tree / "studio_lights" / "owl" / "4.jpg", odd)
     code, out, _ = tllab_data("prepare", "image-list", str(tree), str(tmp_path / "lists"), "--test-fraction", "0.4",
                               capsys=capsys)
     assert code == 0
     assert (tmp_path / "lists/classes.txt").read_text() == "cat\ndog\nowl\n"
-    train = (tmp_path / "lists/studio_train.txt").read_text().splitlines()
-    test = (tmp_path / "lists/studio_test.txt").read_text().splitlines()
+    train = (tmp_path / "lists/studio_lights_train.txt").read_bytes().splitlines()
+    test = (tmp_path / "lists/studio_lights_test.txt").read_bytes().splitlines()
     assert len(train) == 9 and len(test) == 6 and not set(train) & set(test)
-    assert "studio/cat/0.jpg 0" in (tmp_path / "lists/studio.txt").read_text()
+    assert "studio_lights/cat/0.jpg 0" in (tmp_path / "lists/studio_lights.txt").read_bytes().decode(errors="replace")
+    assert b"studio_lights/owl/caf\xe9.jpg 2\n" in (tmp_path / "lists/studio_lights.txt").read_bytes()
     overrides = shlex.split(out.split("tllab-train ", 1)[1])  # the command it prints
+    assert "dataset.source=[phone] dataset.target=[studio_lights]" in out
     cfg, _ = resolve_config(compose_config([*overrides, *SMALL]))
     data = build_data(cfg.dataset, 0)
     assert data.classes == ["cat", "dog", "owl"] and len(data.eval_splits["target_test"]) == 6
+    target = type(data.train).concat([data.unlabeled, data.eval_splits["target_test"]])
+    x, _, _ = target.__getitems__(list(range(15)))  # every image of the domain, the odd name too
+    assert x.shape == (15, 3, 32, 32)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -216,9 +223,12 @@ def http_root(tmp_path):
     www = tmp_path / "www"
     www.mkdir()
 
+    ranges: list[str] = []
+
     class Ranged(_QuietHandler):
         def send_head(self):
             path = Path(self.translate_path(self.path))
+            ranges.append(self.headers.get("Range", ""))
             start = int(self.headers.get("Range", "bytes=0-")[6:].rstrip("-") or 0)
             if not start or not path.is_file():
                 return super().send_head()
@@ -230,7 +240,7 @@ def http_root(tmp_path):
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Ranged, directory=str(www)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield www, f"http://127.0.0.1:{server.server_port}"
+    yield www, f"http://127.0.0.1:{server.server_port}", ranges
     server.shutdown()
 
 
@@ -244,15 +254,17 @@ def _archive(path: Path, files: dict[str, bytes]) -> str:
 
 
 def test_download_fetches_resumes_checks_and_extracts(http_root, tmp_path):
-    www, url = http_root
-    md5 = _archive(www / "lists.tgz", {"image_list/a.txt": b"a/1.jpg 0\n" * 2000})
+    www, url, ranges = http_root
+    payload = np.random.default_rng(0).bytes(20_000)  # incompressible: the archive is larger than the part
+    md5 = _archive(www / "lists.tgz", {"image_list/a.txt": payload})
     root = tmp_path / "data"
     root.mkdir()
     whole = (www / "lists.tgz").read_bytes()
     (root / "lists.tgz.part").write_bytes(whole[:1000])  # an interrupted earlier attempt
     entries = [{"folder": "image_list", "archive": "lists.tgz", "url": f"{url}/lists.tgz", "md5": md5}]
     assert download_dataset(entries, root, "mine", log=lambda _: None) == ["image_list"]
-    assert (root / "image_list/a.txt").read_bytes() == b"a/1.jpg 0\n" * 2000
+    assert ranges == ["bytes=1000-"]  # only the missing part was asked for
+    assert (root / "image_list/a.txt").read_bytes() == payload
     assert not (root / "lists.tgz").exists() and not (root / "lists.tgz.part").exists()
     assert download_dataset(entries, root, "mine", log=lambda _: None) == []  # already there
     bad = [{**entries[0], "folder": "other", "md5": "0" * 32}]

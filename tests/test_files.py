@@ -19,7 +19,7 @@ from tests.image_fixtures import write_jpeg, write_list
 from tllab.data import build_data
 from tllab.data.export import export_digits
 from tllab.data.files import PathTable, read_image_list
-from tllab.data.loaders import ForeverLoader, eval_loader
+from tllab.data.loaders import ForeverLoader, InfiniteBatchSampler, eval_loader
 from tllab.errors import ConfigError, DataError
 from tllab.train import resolve_config, run
 
@@ -125,7 +125,7 @@ def test_image_folder_class_sets_must_agree_unless_fixed(tmp_path):
         for i, c in enumerate(classes):
             write_jpeg(tmp_path / domain / c / f"{i}.jpg", seed=i)
     base = ["dataset=image_folder", f"dataset.root={tmp_path}", "dataset.source=[a]", "dataset.target=[b]"]
-    with pytest.raises(DataError, match=r"a lacks the class folders \['owl'\]"):
+    with pytest.raises(DataError, match=r"a lacks the class folders \['owl'\] that .*b has"):
         resolve_config(compose_config(base))
     cfg, resolved = resolve_config(compose_config([*base, "dataset.classes=[cat,dog,owl]"]))
     assert cfg.dataset.num_classes == resolved["dataset"]["num_classes"] == 3
@@ -133,6 +133,25 @@ def test_image_folder_class_sets_must_agree_unless_fixed(tmp_path):
         data_for(*base, "dataset.classes=[cat,dog]")
     with pytest.raises(ConfigError, match=r"domain 'c': there is no folder .*domains under .*: \['a', 'b'\]"):
         data_for(*base, "dataset.target=[c]", "dataset.classes=[cat,dog,owl]")
+
+
+def test_lists_with_the_same_file_name_are_refused(tmp_path):
+    for d in ("amazon", "webcam"):
+        write_jpeg(tmp_path / d / "x.jpg", 0)
+        write_list(tmp_path / d / "train.txt", [("x.jpg", 0), ("x.jpg", 1)])
+    with pytest.raises(ConfigError, match=r"amazon/train.txt and .*webcam/train.txt are both domain 'train'"):
+        data_for("dataset=image_list", "dataset.num_classes=2", f"dataset.source=[{tmp_path}/amazon/train.txt]",
+                 f"dataset.target=[{tmp_path}/webcam/train.txt]")
+
+
+def test_image_folder_split_folders_bring_their_validation_split(tmp_path):
+    for split, n in (("train", 3), ("val", 1), ("test", 2)):
+        for c in ("cat", "dog"):
+            for k in range(n):
+                write_jpeg(tmp_path / "a" / split / c / f"{k}.jpg", seed=k)
+    data = data_for("dataset=image_folder", f"dataset.root={tmp_path}", "dataset.source=[a]", "dataset.target=[a]")
+    assert data.classes == ["cat", "dog"]
+    assert (len(data.train), len(data.eval_splits["source_val"]), len(data.eval_splits["target_test"])) == (6, 2, 4)
 
 
 def test_missing_root_names_the_fix(tmp_path):
@@ -196,32 +215,40 @@ def test_augmentation_is_seeded_per_sample_whatever_the_workers(photo_list):
 
 
 def _batch(indices, seed, position):
-    from tllab.data.loaders import Batch
+    from tllab.data.loaders import Batch, sample_seed
 
-    return Batch.at(indices, seed, position)
+    return Batch(indices, [sample_seed(seed, position + j) for j in range(len(indices))])
 
 
 def test_unreadable_image_stops_with_one_line_or_is_skipped_and_counted(photo_list, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(photo_list.parent, root)
-    (root / "img 1/13.jpg").write_bytes((root / "img 1/13.jpg").read_bytes()[:200])  # truncated
-    args = [sys.executable, "-m", "tllab.train", "dataset=image_list", "dataset.num_classes=4",
-            "dataset.image_size=16", f"dataset.source=[{root}/all.txt]", f"dataset.target=[{root}/all.txt]",
-            "trainer.max_steps=4", "trainer.eval_every=2", "trainer.batch_size=8", "trainer.quiet=true",
-            f"hydra.run.dir={tmp_path}/run"]
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path,
-                          env={**_env(), "PYTHONPATH": str(Path(__file__).parents[1])})
+    overrides = ["dataset=image_list", "dataset.num_classes=4", "dataset.image_size=16",
+                 f"dataset.source=[{root}/all.txt]", f"dataset.target=[{root}/all.txt]", "trainer.max_steps=4",
+                 "trainer.eval_every=2", "trainer.batch_size=8", "trainer.quiet=true"]
+    cfg, _ = resolve_config(compose_config(overrides))
+    train = build_data(cfg.dataset, cfg.seed).train
+    drawn = [i for b in itertools.islice(iter(InfiniteBatchSampler(len(train), 8, seed=0)), 4) for i in b]
+    bad = drawn[0]  # a training image the run draws (the trainer's source stream has seed 2 * seed = 0)
+    path = Path(train.path(bad))
+    path.write_bytes(path.read_bytes()[:200])  # truncated
+    line_no = int(train.describe(bad).rsplit(" line ", 1)[1].rstrip(")"))
+
+    def cli(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "tllab.train", *overrides, *extra], capture_output=True,
+                              text=True, cwd=tmp_path, env={**_env(), "PYTHONPATH": str(Path(__file__).parents[1])})
+
+    proc = cli(f"hydra.run.dir={tmp_path}/run")
     assert proc.returncode == 1
     (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith("tllab: error: cannot read image ") and "img 1/13.jpg (" in line
-    assert "all.txt line 14)" in line and "dataset.skip_bad_images=true" in line
-    proc = subprocess.run([*args[:-1], f"hydra.run.dir={tmp_path}/skip", "dataset.skip_bad_images=true"],
-                          capture_output=True, text=True, cwd=tmp_path,
-                          env={**_env(), "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert line.startswith(f"tllab: error: cannot read image {path} ({root}/all.txt line {line_no}): ")
+    assert "dataset.skip_bad_images=true" in line
+    proc = cli(f"hydra.run.dir={tmp_path}/skip", "dataset.skip_bad_images=true")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "skip" / "summary.json").read_text())
-    assert summary["skipped_images"]["target_test"] == 1 and summary["skipped_images"]["source_test"] == 1
-    assert "img 1/13.jpg" in (tmp_path / "skip" / "train.log").read_text()
+    assert summary["skipped_images"] == {"train": drawn.count(bad), "source_val": 0, "source_test": 1,
+                                         "target_test": 1}
+    assert str(path) in (tmp_path / "skip" / "train.log").read_text()
 
 
 def _env() -> dict[str, str]:
@@ -243,13 +270,22 @@ def test_file_dataset_resume_is_bit_identical(photo_list, tmp_path, monkeypatch)
 
 
 def test_sampler_streams_shard_seeds_like_indices():
-    from tllab.data.loaders import InfiniteBatchSampler
+    from tllab.data.loaders import DomainBalancedBatchSampler, InfiniteBatchSampler
 
     single = list(itertools.islice(InfiniteBatchSampler(20, 8, seed=3).keyed(), 4))
     shards = [list(itertools.islice(InfiniteBatchSampler(20, 4, seed=3, rank=r, world=2).keyed(), 4)) for r in (0, 1)]
     for whole, a, b in zip(single, *shards):
         assert whole == a + b and whole.seeds == a.seeds + b.seeds
     assert len(set(s for batch in single for s in batch.seeds)) == 32  # one seed per stream position
+    # Domain-balanced: each sample keeps the seed one process gives it, whichever rank draws it.
+    domains = np.repeat([0, 1], [12, 20])
+    seed_of = {}
+    for batch in itertools.islice(DomainBalancedBatchSampler(domains, 8, seed=2).keyed(), 3):
+        for i, s in zip(batch, batch.seeds):
+            seed_of.setdefault(i, set()).add(s)
+    for rank in (0, 1):
+        for batch in itertools.islice(DomainBalancedBatchSampler(domains, 4, seed=2, rank=rank, world=2).keyed(), 3):
+            assert all(s in seed_of[i] for i, s in zip(batch, batch.seeds))
 
 
 @pytest.mark.slow

@@ -127,12 +127,17 @@ class DatasetConfig:
 
     def domain_key(self, name: str) -> str:
         """The canonical name of a domain: its key for a full name (``amazon`` -> ``A``), the file
-        stem for a list file given as a path, else the name itself."""
+        stem for a list file or folder given as a path, else the name itself."""
         if name in self.aliases:
             return self.aliases[name]
-        if name not in self.domains and ("/" in name or name.endswith(".txt")):
+        if name not in self.domains and is_path(name):
             return Path(name).stem
         return name
+
+
+def is_path(name: str) -> bool:
+    """Whether a domain name is a list file or folder given by its path (not a key)."""
+    return "/" in name or name.endswith(".txt")
 
 
 @dataclass

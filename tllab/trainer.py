@@ -331,7 +331,7 @@ class Trainer:
             correct, loss, n = all_reduce_sum(sums).tolist()
             metrics[f"{split}/acc"], metrics[f"{split}/loss"] = correct / n, loss / n
             if self.cfg.dataset.skip_bad_images:
-                metrics[f"{split}/skipped"] = len(dataset) - n
+                metrics[f"{split}/skipped"] = len(dataset) - int(n)
         self.model.train(was_training)
         return metrics
 
@@ -371,7 +371,7 @@ class Trainer:
                 train = {f"train/{k}": v / count / self.world for k, v in zip(sums, means.tolist())}
                 if self.cfg.dataset.skip_bad_images:  # images left out since the last evaluation
                     skipped = torch.tensor(float(self.skipped), dtype=torch.float64, device=self.device)
-                    train["train/skipped"] = all_reduce_sum(skipped).item()
+                    train["train/skipped"] = int(all_reduce_sum(skipped).item())
                     self.skipped = 0
                 self._evaluate_and_record(train, wandb_run)
                 sums, count, images, tick = {}, 0, 0, time.perf_counter()

@@ -31,7 +31,7 @@ from tllab.data import image_folder, image_list
 from tllab.data.arrays import ArrayDataset
 from tllab.data.base import ImageSet
 from tllab.errors import ConfigError
-from tllab.schema import DatasetConfig
+from tllab.schema import DatasetConfig, is_path
 
 __all__ = ["DATASETS", "DataModule", "DatasetFamily", "Splits", "build_data", "check_dataset_config",
            "resolve_num_classes"]
@@ -120,6 +120,15 @@ def check_dataset_config(cfg: DatasetConfig) -> DatasetFamily:
     family = family_of(cfg)
     setting = cfg.setting  # a str-valued enum: compares equal to "da", "dg", "finetune"
     source, target = [cfg.domain_key(n) for n in cfg.source], [cfg.domain_key(n) for n in cfg.target]
+    named: dict[str, str] = {}
+    for name, key in zip([*cfg.source, *cfg.target], source + target):
+        other = named.setdefault(key, name)
+        if other != name and (is_path(name) or is_path(other)):
+            raise ConfigError(f"{other} and {name} are both domain {key!r} (a list or folder is named by its file "
+                              "name); give them distinct file names, or keys in dataset.domains.")
+    if cfg.skip_bad_images and cfg.sampler == "domain_balanced":
+        raise ConfigError("dataset.skip_bad_images=true leaves images out of their batch, so batches cannot stay "
+                          "domain-balanced; fix the files (`tllab-data check`) or use dataset.sampler=random.")
     if not target:
         raise ConfigError("dataset.target is empty; name the target domain(s), e.g. dataset.target=[mnistm].")
     if setting in ("da", "dg") and not source:
@@ -196,8 +205,9 @@ def build_data(cfg: DatasetConfig, seed: int) -> DataModule:
 
     Validation parts are drawn per class with ``cfg.data_seed`` (the same for every run seed)
     unless the domain has an official validation split; the fine-tuning subset is the official one
-    for ``sample_rate`` where the dataset ships it, else drawn with ``seed`` (deterministic per run
-    seed). Training sets use the random training transforms, evaluation sets the evaluation ones.
+    for ``sample_rate`` where the dataset ships it (its validation part then comes from the rest of
+    the train list), else drawn with ``seed`` (deterministic per run seed). Training sets use the
+    random training transforms, evaluation sets the evaluation ones.
     """
     family = check_dataset_config(cfg)
     setting = cfg.setting
@@ -221,7 +231,12 @@ def build_data(cfg: DatasetConfig, seed: int) -> DataModule:
         (key,) = target
         splits = load(key)
         fixed = family.fixed_subset(names[key], cfg.sample_rate, cfg) if cfg.sample_rate is not None else None
-        pool, val = train_and_val(splits.train if fixed is None else fixed, splits.val, key)
+        if fixed is None:
+            pool, val = train_and_val(splits.train, splits.val, key)
+        else:  # the published subset stays whole; a validation part comes from the rest of the train list
+            taken = {fixed.path(i) for i in range(len(fixed))}
+            rest = np.array([i for i in range(len(splits.train)) if splits.train.path(i) not in taken], np.int64)
+            pool, (_, val) = fixed, train_and_val(splits.train.subset(rest), splits.val, key)
         rng = np.random.default_rng([seed, 7919])
         if cfg.labels_per_class is not None:
             k = cfg.labels_per_class

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -62,55 +63,60 @@ def _probe(path: str) -> str | None:
     return None
 
 
-def _sources(cfg: DatasetConfig, domains: list[str] | None) -> list[tuple[str, str]]:
-    """Every ``(kind, path)`` the dataset names (of ``domains``, default all): its lists, or its domain
-    folders."""
-    if cfg.family == "image_folder" and not cfg.domains:
-        root = data_root(cfg)
-        if root is None or not root.is_dir():
-            raise DataError(f"dataset root {root} does not exist; give --root <folder with one folder per domain>.")
-        return [("folder", e.name) for e in sorted(os.scandir(root), key=lambda e: e.name)
-                if e.is_dir() and (not domains or e.name in domains)]
-    kind = "folder" if cfg.family == "image_folder" else "list"
-    out: list[str] = []
-    for name in domains or cfg.domains:
+def _domain_names(cfg: DatasetConfig, domains: list[str] | None) -> list[str]:
+    """The domains to check: ``domains``, else the configured ones, else (a plain image folder) every
+    sub-folder of the root that holds folders."""
+    if domains or cfg.domains:
+        return list(domains or cfg.domains)
+    root = data_root(cfg)
+    if root is None or not root.is_dir():
+        raise DataError(f"dataset root {root} does not exist; give --root <folder with one folder per domain>.")
+    return [e.name for e in sorted(os.scandir(root), key=lambda e: e.name) if e.is_dir() and class_folders(Path(e))]
+
+
+def _sources(cfg: DatasetConfig, domains: list[str] | None) -> list[tuple[str, Path]]:
+    """Every ``(configured path, resolved path)`` to check: each domain's lists, or its folders."""
+    from tllab.data import image_folder
+
+    out: dict[Path, str] = {}
+    for name in _domain_names(cfg, domains):
         try:
-            spec = domain_spec(name, cfg)
+            if cfg.family == "image_folder":
+                out.update({f: str(f) for f in image_folder.folders(name, cfg) if f is not None})
+            else:
+                out.update({resolve(p, data_root(cfg)): p for p in domain_spec(name, cfg).files()})
         except ValueError as e:
             raise DataError(str(e)) from None
-        out += [spec.train, spec.test, *([spec.val] if spec.val else []), *spec.subsets.values()]
-    return [(kind, p) for p in dict.fromkeys(out)]
+    return [(shown, path) for path, shown in out.items()]
 
 
-def _index(kind: str, path: str, cfg: DatasetConfig, classes: list[str], report: ListReport) -> ImageIndex | None:
-    root = data_root(cfg)
-    target = resolve(path, root)
-    if kind == "folder":
-        if not target.is_dir():
-            report.problems.append(Problem(str(target), "folder missing"))
+def _index(path: Path, cfg: DatasetConfig, classes: list[str], report: ListReport) -> ImageIndex | None:
+    if cfg.family == "image_folder":
+        if not path.is_dir():
+            report.problems.append(Problem(str(path), "folder missing"))
             return None
-        found = set(class_folders(target))
+        found = set(class_folders(path))
         if found - set(classes):
-            report.problems.append(Problem(str(target), f"class folders not in the class list: "
-                                                        f"{sorted(found - set(classes))[:10]}"))
+            report.problems.append(Problem(str(path), f"class folders not in the class list: "
+                                                      f"{sorted(found - set(classes))[:10]}"))
         if cfg.classes is None and set(classes) - found:
-            report.problems.append(Problem(str(target), f"lacks the class folders {sorted(set(classes) - found)[:10]} "
-                                                        "that other domains have"))
-        return scan_image_folder(target, classes)
-    if not target.is_file():
-        report.problems.append(Problem(str(target), "list file missing"))
+            report.problems.append(Problem(str(path), f"lacks the class folders {sorted(set(classes) - found)[:10]} "
+                                                      "that other domains have"))
+        return scan_image_folder(path, classes)
+    if not path.is_file():
+        report.problems.append(Problem(str(path), "list file missing"))
         return None
     garbled: list[tuple[int, str]] = []
-    index = read_image_list(target, root or target.parent, garbled, cfg.label_offset)
-    report.problems += [Problem(f"{target} line {line}", message) for line, message in garbled]
+    index = read_image_list(path, data_root(cfg) or path.parent, garbled, cfg.label_offset)
+    report.problems += [Problem(f"{path} line {line}", message) for line, message in garbled]
     for i in np.flatnonzero(index.targets >= len(classes)):
-        report.problems.append(Problem(f"{target} line {index.lines[i]}",
+        report.problems.append(Problem(f"{path} line {index.lines[i]}",
                                        f"label {index.targets[i] + cfg.label_offset} is out of range "
                                        f"({cfg.label_offset}..{len(classes) - 1 + cfg.label_offset})"))
     return index
 
 
-def _classes(cfg: DatasetConfig, sources: list[tuple[str, str]]) -> list[str]:
+def _classes(cfg: DatasetConfig, sources: list[tuple[str, Path]]) -> list[str]:
     """``dataset.classes``; for folders without it, the union of their class folders."""
     from tllab.data import DATASETS
 
@@ -118,8 +124,7 @@ def _classes(cfg: DatasetConfig, sources: list[tuple[str, str]]) -> list[str]:
     if names is not None:
         return names
     if cfg.family == "image_folder":
-        folders = [resolve(p, data_root(cfg)) for _, p in sources]
-        return sorted(set().union(*(class_folders(f) for f in folders if f.is_dir())))
+        return sorted(set().union(*(class_folders(p) for _, p in sources if p.is_dir())))
     return DATASETS[cfg.family].class_names(cfg)
 
 
@@ -129,14 +134,14 @@ def check_dataset(cfg: DatasetConfig, workers: int | None = None, domains: list[
     sources = _sources(cfg, domains)
     classes = _classes(cfg, sources)
     reports, jobs = [], []
-    for kind, path in sources:
-        report = ListReport(path, cfg.counts.get(path))
-        index = _index(kind, path, cfg, classes, report)
+    for shown, path in sources:
+        report = ListReport(shown, cfg.counts.get(shown))
+        index = _index(path, cfg, classes, report)
         if index is not None:
             report.samples = len(index.targets)
             if report.expected is not None and report.expected != report.samples:
-                report.problems.append(Problem(path, f"{report.samples} images listed, the published list has "
-                                                     f"{report.expected}"))
+                report.problems.append(Problem(shown, f"{report.samples} images listed, the published list has "
+                                                      f"{report.expected}"))
             paths = [os.path.join(index.root, index.paths[i]) for i in range(len(index.paths))]
             jobs.append((report, index, paths))
         reports.append(report)

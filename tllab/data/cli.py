@@ -80,8 +80,7 @@ def _status(cfg: DatasetConfig) -> str:
         folders = [domain_spec(key, cfg).train for key in cfg.domains]
         missing = [f for f in folders if not (root / f).is_dir()]
         return f"incomplete: folder {missing[0]} missing" if missing else "complete (folders present)"
-    lists = list(dict.fromkeys(p for key in cfg.domains for s in [domain_spec(key, cfg)]
-                               for p in [s.train, s.test, s.val, *s.subsets.values()] if p))
+    lists = list(dict.fromkeys(p for key in cfg.domains for p in domain_spec(key, cfg).files()))
     missing_lists = [p for p in lists if not (root / p).is_file()]
     if missing_lists:
         return f"incomplete: {len(missing_lists)} of {len(lists)} lists missing (e.g. {missing_lists[0]})"
@@ -143,9 +142,10 @@ def _prepare(args: argparse.Namespace) -> int:
 
     counts = prepare_image_lists(args.tree, args.out, args.test_fraction, args.seed)
     out = args.out.resolve()
-    for name, n in counts.items():
-        print(f"{out / name}: {n} images")
-    domains = sorted({n[:-4].rsplit("_", 1)[0] if args.test_fraction else n[:-4] for n in counts})
+    for lists in counts.values():
+        for name, n in lists.items():
+            print(f"{out / name}: {n} images")
+    domains = list(counts)
     entries = ", ".join(f"{d}: {{train: {out}/{d}_train.txt, test: {out}/{d}_test.txt}}" if args.test_fraction
                         else f"{d}: {out}/{d}.txt" for d in domains)
     print(f"\ntrain on them:\n  tllab-train dataset=image_list dataset.root={args.tree.resolve()} "

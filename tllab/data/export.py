@@ -27,8 +27,9 @@ DIGITS_DOMAINS = ("mnist", "uci", "mnistm", "synth")
 
 
 def _write_list(path: Path, rows: Sequence[tuple[str, int]]) -> None:
+    """Write ``<path> <label>`` lines; paths as the file system's bytes (any file name survives)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{p} {y}\n" for p, y in rows))
+    path.write_bytes(b"".join(os.fsencode(p) + f" {y}\n".encode() for p, y in rows))
 
 
 def export_digits(out: Path, domains: Sequence[str] = DIGITS_DOMAINS, seed: int = 0,
@@ -54,11 +55,11 @@ def export_digits(out: Path, domains: Sequence[str] = DIGITS_DOMAINS, seed: int 
     return counts
 
 
-def prepare_image_lists(tree: Path, out: Path, test_fraction: float = 0.0, seed: int = 0) -> dict[str, int]:
+def prepare_image_lists(tree: Path, out: Path, test_fraction: float = 0.0, seed: int = 0) -> dict[str, dict[str, int]]:
     """tllib-format lists for ``<tree>/<domain>/<class>/<image>``: ``<out>/<domain>.txt`` (all images), and
     with ``test_fraction`` also ``<domain>_train.txt`` / ``<domain>_test.txt`` (a seeded per-class draw);
     ``<out>/classes.txt`` holds the sorted union of the class folders. Paths are relative to ``tree``.
-    Returns the images per list."""
+    Returns, per domain, the images per list file."""
     domains = class_folders(tree)
     classes = sorted(set().union(*(class_folders(tree / d) for d in domains)))
     counts = {}
@@ -68,7 +69,7 @@ def prepare_image_lists(tree: Path, out: Path, test_fraction: float = 0.0, seed:
         if not rows:
             continue
         _write_list(out / f"{domain}.txt", rows)
-        counts[f"{domain}.txt"] = len(rows)
+        counts[domain] = {f"{domain}.txt": len(rows)}
         if test_fraction > 0:
             rng = np.random.default_rng([seed, *domain.encode()])
             is_test = np.zeros(len(rows), bool)
@@ -78,6 +79,6 @@ def prepare_image_lists(tree: Path, out: Path, test_fraction: float = 0.0, seed:
             for split, wanted in (("train", False), ("test", True)):
                 part = [row for row, t in zip(rows, is_test) if t == wanted]
                 _write_list(out / f"{domain}_{split}.txt", part)
-                counts[f"{domain}_{split}.txt"] = len(part)
-    (out / "classes.txt").write_text("".join(f"{c}\n" for c in classes))
+                counts[domain][f"{domain}_{split}.txt"] = len(part)
+    (out / "classes.txt").write_bytes(b"".join(os.fsencode(c) + b"\n" for c in classes))
     return counts

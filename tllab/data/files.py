@@ -180,8 +180,10 @@ def read_image(path: str) -> Tensor:
         raise ValueError("the file is empty")
     if path.lower().endswith(_TORCHVISION_FORMATS):
         from torchvision.io import ImageReadMode, decode_image
+        from torchvision.transforms.v2.functional import to_dtype
 
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return image if image.dtype == torch.uint8 else to_dtype(image, torch.uint8, scale=True)  # 16-bit PNG
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:

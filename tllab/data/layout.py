@@ -1,7 +1,8 @@
 """Where a file dataset lives and how its domains map to lists or folders (shared by the
 ``image_list`` and ``image_folder`` families).
 
-- **Root**: ``dataset.root``, else ``$TLLAB_DATA_DIR/<dataset.name>``. Relative list files, folders,
+- **Root**: ``dataset.root``, else ``$TLLAB_DATA_DIR/<dataset.name>`` (named datasets only, not the
+  generic ``image_list`` / ``image_folder``). Relative list files, folders,
   image paths and a ``dataset.classes`` file are joined to it. Without a root (only for domains named
   by path), list files and folders are relative to the working directory and the image paths of a
   list to the list's folder.
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from tllab.data.transforms import ImageTransform
 from tllab.errors import ConfigError, DataError
-from tllab.schema import DatasetConfig
+from tllab.schema import DatasetConfig, is_path
 
 _SPLIT_KEYS = {"train", "test", "val", "subsets"}
 
@@ -36,9 +37,10 @@ class DomainSpec:
     val: str | None = None
     subsets: dict[float, str] = field(default_factory=dict)  # sample rate (%) -> fixed training subset
 
-
-def is_path(name: str) -> bool:
-    return "/" in name or name.endswith(".txt")
+    def files(self) -> list[str]:
+        """Every list or folder the domain names, each once."""
+        return list(dict.fromkeys([self.train, self.test, *([self.val] if self.val else []),
+                                   *self.subsets.values()]))
 
 
 def domain_spec(name: str, cfg: DatasetConfig, bare_names: bool = False) -> DomainSpec:
@@ -70,11 +72,12 @@ def domain_spec(name: str, cfg: DatasetConfig, bare_names: bool = False) -> Doma
 
 
 def data_root(cfg: DatasetConfig) -> Path | None:
-    """``dataset.root``, else ``$TLLAB_DATA_DIR/<name>``, else None (only absolute paths then work)."""
+    """``dataset.root``, else ``$TLLAB_DATA_DIR/<name>`` for a named dataset (not the generic
+    ``image_list`` / ``image_folder``, whose data lives wherever the user says), else None."""
     if cfg.root:
         return Path(cfg.root).expanduser()
     env = os.environ.get("TLLAB_DATA_DIR")
-    return Path(env).expanduser() / cfg.name if env else None
+    return Path(env).expanduser() / cfg.name if env and cfg.name != cfg.family else None
 
 
 def check_root(cfg: DatasetConfig, spec: DomainSpec | None = None) -> Path | None:

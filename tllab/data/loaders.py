@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -23,25 +23,19 @@ def sample_seed(stream_seed: int, position: int) -> int:
 class Batch(list):
     """A training batch's dataset indices, plus each sample's seed for random transforms.
 
-    The seed of the sample at position ``p`` of the loader's global stream (global batch ``b``, rank
-    ``r``, slot ``j``: ``p = b * G + r * batch_size + j``) is ``sample_seed(seed, p)``: it does not depend
-    on the number of workers, on which rank draws the sample, or on a resume in between.
+    A sample's seed is ``sample_seed(stream seed, its position in the stream)``; for
+    :class:`InfiniteBatchSampler`, global batch ``b``, rank ``r``, slot ``j`` is position
+    ``b * G + r * batch_size + j``. So augmentation does not depend on the number of workers, on which rank
+    draws the sample, or on a resume in between.
     """
 
-    seeds: list[int]
-
-    @classmethod
-    def at(cls, indices: list[int], seed: int, first_position: int) -> Batch:
-        batch = cls(indices)
-        batch.seeds = [sample_seed(seed, first_position + j) for j in range(len(indices))]
-        return batch
+    def __init__(self, indices: list[int], seeds: list[int]) -> None:
+        super().__init__(indices)
+        self.seeds = seeds
 
 
-def _with_seeds(batches: Iterable[list[int]], seed: int, start_batch: int, global_batch: int, offset: int
-                ) -> Iterator[Batch]:
-    """Batch ``b`` (from ``start_batch``) starts at stream position ``b * global_batch + offset``."""
-    for b, indices in enumerate(batches, start_batch):
-        yield Batch.at(indices, seed, b * global_batch + offset)
+def _seeds(seed: int, first_position: int, n: int) -> list[int]:
+    return [sample_seed(seed, first_position + j) for j in range(n)]
 
 
 class InfiniteBatchSampler(Sampler[list[int]]):
@@ -89,7 +83,8 @@ class InfiniteBatchSampler(Sampler[list[int]]):
 
     def keyed(self) -> Iterator[Batch]:
         """The batches as :class:`Batch` (with their samples' transform seeds)."""
-        return _with_seeds(self, self.seed, self.start_batch, self.batch_size, self.shard.start)
+        for b, indices in enumerate(self, self.start_batch):
+            yield Batch(indices, _seeds(self.seed, b * self.batch_size + self.shard.start, len(indices)))
 
 
 class DomainBalancedBatchSampler(Sampler[list[int]]):
@@ -116,17 +111,20 @@ class DomainBalancedBatchSampler(Sampler[list[int]]):
             raise ConfigError(f"a domain-balanced batch needs trainer.batch_size ({batch_size}) to be a multiple "
                               f"of the number of domains ({len(self.groups)}).")
         k = batch_size // len(self.groups)
-        self.seed, self.start_batch, self.first = seed, start_batch, (batch_size * world, rank * batch_size)
         self.streams = [InfiniteBatchSampler(len(g), k, seed * 7919 + d, start_batch, rank, world)
                         for d, g in enumerate(self.groups)]
 
     def __iter__(self) -> Iterator[list[int]]:
-        its = [iter(s) for s in self.streams]
-        while True:
-            yield [int(g[i]) for g, it in zip(self.groups, its) for i in next(it)]
+        return (list(batch) for batch in self.keyed())
 
     def keyed(self) -> Iterator[Batch]:
-        return _with_seeds(self, self.seed, self.start_batch, *self.first)
+        """The batches as :class:`Batch`; a sample's seed comes from its position in its domain's stream,
+        which DDP shards as one process draws it."""
+        its = [s.keyed() for s in self.streams]
+        while True:
+            parts = [next(it) for it in its]
+            yield Batch([int(g[i]) for g, part in zip(self.groups, parts) for i in part],
+                        [seed for part in parts for seed in part.seeds])
 
 
 class ForeverLoader:

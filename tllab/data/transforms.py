@@ -84,8 +84,8 @@ class ImageTransform:
             self._build()
         if seed is None:
             return self._eval(image)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # the CPU generator, which v2 transforms draw from
+            torch.random.default_generator.manual_seed(seed)
             return self._train(image)
 
     def batch(self, images: list[Tensor]) -> Tensor:
