@@ -164,7 +164,7 @@ def test_missing_root_names_the_fix(tmp_path):
 def test_labels_beyond_the_classes_name_the_line(tmp_path):
     write_jpeg(tmp_path / "x.jpg", 0)
     write_list(tmp_path / "a.txt", [("x.jpg", 0), ("x.jpg", 1), ("x.jpg", 7)])
-    with pytest.raises(DataError, match=r"a.txt line 3: label 7 but image_list has 2 classes"):
+    with pytest.raises(DataError, match=r"a.txt line 3: label 7 is out of range \(0..1\), image_list has 2 classes"):
         data_for("dataset=image_list", "dataset.num_classes=2", f"dataset.source=[{tmp_path}/a.txt]",
                  f"dataset.target=[{tmp_path}/a.txt]")
     with pytest.raises(ConfigError, match=r"set dataset.num_classes=<N> or dataset.classes"):
@@ -272,19 +272,19 @@ def test_file_dataset_resume_is_bit_identical(photo_list, tmp_path, monkeypatch)
 def test_sampler_streams_shard_seeds_like_indices():
     from tllab.data.loaders import DomainBalancedBatchSampler, InfiniteBatchSampler
 
-    single = list(itertools.islice(InfiniteBatchSampler(20, 8, seed=3).keyed(), 4))
-    shards = [list(itertools.islice(InfiniteBatchSampler(20, 4, seed=3, rank=r, world=2).keyed(), 4)) for r in (0, 1)]
+    single = list(itertools.islice(iter(InfiniteBatchSampler(20, 8, seed=3)), 4))
+    shards = [list(itertools.islice(InfiniteBatchSampler(20, 4, seed=3, rank=r, world=2), 4)) for r in (0, 1)]
     for whole, a, b in zip(single, *shards):
         assert whole == a + b and whole.seeds == a.seeds + b.seeds
     assert len(set(s for batch in single for s in batch.seeds)) == 32  # one seed per stream position
     # Domain-balanced: each sample keeps the seed one process gives it, whichever rank draws it.
     domains = np.repeat([0, 1], [12, 20])
     seed_of = {}
-    for batch in itertools.islice(DomainBalancedBatchSampler(domains, 8, seed=2).keyed(), 3):
+    for batch in itertools.islice(DomainBalancedBatchSampler(domains, 8, seed=2), 3):
         for i, s in zip(batch, batch.seeds):
             seed_of.setdefault(i, set()).add(s)
     for rank in (0, 1):
-        for batch in itertools.islice(DomainBalancedBatchSampler(domains, 4, seed=2, rank=rank, world=2).keyed(), 3):
+        for batch in itertools.islice(DomainBalancedBatchSampler(domains, 4, seed=2, rank=rank, world=2), 3):
             assert all(s in seed_of[i] for i, s in zip(batch, batch.seeds))
 
 

@@ -275,6 +275,9 @@ def test_two_plugins_with_the_same_exclusive_role_are_refused(tmp_path):
     (["norm=[recorder]", "dataset.setting=dg"], r"\['norm.recorder'\] need unlabelled target data"),
     (["dataset.num_classes=5"], r"dataset.num_classes=5 but the labels go up to 9"),
     (["experiment=digits_dg", "dataset.sampler=domain_balanced"], r"multiple of the number of training domains \(3\)"),
+    (["dataset.crop_scale=[0.9,0.2]"], r"dataset.crop_scale=\[0.9, 0.2\] is invalid: it must be \[min, max\] with 0 <"),
+    (["dataset.resize_size=16"], r"dataset.resize_size=16 is invalid: it must be >= dataset.image_size \(32\)"),
+    (["dataset.label_offset=-1"], r"dataset.label_offset=-1 is invalid: it must be >= 0"),
 ])
 def test_config_errors_fail_before_training(overrides, match, tmp_path, monkeypatch):
     from tllab.errors import ConfigError

@@ -245,6 +245,11 @@ def validate_config(cfg: TrainConfig) -> None:
         ("optim.scheduler.warmup_steps", o.scheduler.warmup_steps, o.scheduler.warmup_steps >= 0, ">= 0"),
         ("dataset.num_classes", d.num_classes, d.num_classes is None or d.num_classes >= 2, ">= 2 or null"),
         ("dataset.image_size", d.image_size, d.image_size >= 8, ">= 8"),
+        ("dataset.resize_size", d.resize_size, d.resize_size is None or d.resize_size >= d.image_size,
+         f">= dataset.image_size ({d.image_size}) or null"),
+        ("dataset.crop_scale", d.crop_scale, len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
+         "[min, max] with 0 < min <= max <= 1"),
+        ("dataset.label_offset", d.label_offset, d.label_offset >= 0, ">= 0"),
         ("backbone.bottleneck_dim", cfg.backbone.bottleneck_dim,
          cfg.backbone.bottleneck_dim is None or cfg.backbone.bottleneck_dim >= 1, ">= 1 or null"),
     ]

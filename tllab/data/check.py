@@ -14,12 +14,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from tllab.data.files import (
     ImageIndex,
     class_folders,
     decode_error_reason,
+    label_problems,
     read_image,
     read_image_list,
     scan_image_folder,
@@ -109,10 +108,8 @@ def _index(path: Path, cfg: DatasetConfig, classes: list[str], report: ListRepor
     garbled: list[tuple[int, str]] = []
     index = read_image_list(path, data_root(cfg) or path.parent, garbled, cfg.label_offset)
     report.problems += [Problem(f"{path} line {line}", message) for line, message in garbled]
-    for i in np.flatnonzero(index.targets >= len(classes)):
-        report.problems.append(Problem(f"{path} line {index.lines[i]}",
-                                       f"label {index.targets[i] + cfg.label_offset} is out of range "
-                                       f"({cfg.label_offset}..{len(classes) - 1 + cfg.label_offset})"))
+    report.problems += [Problem(f"{path} line {line}", message)
+                        for line, message in label_problems(index, len(classes), cfg.label_offset)]
     return index
 
 

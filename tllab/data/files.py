@@ -36,8 +36,8 @@ from tllab.data.loaders import sample_seed
 from tllab.data.transforms import ImageTransform
 from tllab.errors import DataError
 
-__all__ = ["IMG_EXTENSIONS", "FileDataset", "ImageIndex", "PathTable", "read_image", "read_image_list",
-           "scan_image_folder"]
+__all__ = ["IMG_EXTENSIONS", "FileDataset", "ImageIndex", "PathTable", "label_problems", "read_image",
+           "read_image_list", "scan_image_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,13 @@ def read_image_list(list_file: Path, root: Path, problems: list[tuple[int, str]]
         raise DataError(f"image list {list_file} holds no samples; it should have one '<path> <label>' a line.")
     return ImageIndex(str(root), str(list_file), paths, np.frombuffer(labels, np.int64),
                       np.frombuffer(lines, np.int32))
+
+
+def label_problems(index: ImageIndex, num_classes: int, label_offset: int = 0) -> list[tuple[int, str]]:
+    """``(line, message)`` for every label of a list beyond the classes (as written in the list)."""
+    last = num_classes - 1 + label_offset
+    return [(int(index.lines[i]), f"label {index.targets[i] + label_offset} is out of range ({label_offset}..{last})")
+            for i in np.flatnonzero(index.targets >= num_classes)]
 
 
 def class_folders(folder: Path) -> list[str]:
@@ -269,16 +276,13 @@ class FileDataset(ImageSet):
 
     @staticmethod
     def concat(parts: Sequence[FileDataset]) -> FileDataset:
-        indexes: list[ImageIndex] = []
-        remapped = []
+        merged: dict[int, ImageIndex] = {}  # each index once (the same list read once is shared)
         for p in parts:
-            ids = []
             for index in p.indexes:
-                if not any(index is known for known in indexes):
-                    indexes.append(index)
-                ids.append(next(k for k, known in enumerate(indexes) if known is index))
-            remapped.append(np.asarray(ids, np.int16)[p.index_of])
-        return parts[0]._replace(indexes=tuple(indexes), index_of=np.concatenate(remapped),
+                merged.setdefault(id(index), index)
+        place = {key: k for k, key in enumerate(merged)}
+        remapped = [np.asarray([place[id(i)] for i in p.indexes], np.int16)[p.index_of] for p in parts]
+        return parts[0]._replace(indexes=tuple(merged.values()), index_of=np.concatenate(remapped),
                                  row=np.concatenate([p.row for p in parts]),
                                  targets=np.concatenate([p.targets for p in parts]),
                                  domains=np.concatenate([p.domains for p in parts]))

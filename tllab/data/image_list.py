@@ -17,7 +17,7 @@ import logging
 
 import numpy as np
 
-from tllab.data.files import FileDataset, read_image_list
+from tllab.data.files import FileDataset, label_problems, read_image_list
 from tllab.data.layout import check_root, class_names_from_config, data_root, domain_spec, resolve, transform_of
 from tllab.errors import ConfigError, DataError
 from tllab.schema import DatasetConfig
@@ -50,13 +50,10 @@ def read_list(path: str, cfg: DatasetConfig) -> FileDataset:
     list_file = resolve(path, root)
     index = read_image_list(list_file, root or list_file.parent, label_offset=cfg.label_offset)
     num_classes = len(class_names(cfg))
-    bad = np.flatnonzero(index.targets >= num_classes)
-    if len(bad):
-        i = bad[0]
-        first = cfg.label_offset
-        raise DataError(f"{list_file} line {index.lines[i]}: label {index.targets[i] + first} but {cfg.name} has "
-                        f"{num_classes} classes (labels {first}..{num_classes - 1 + first}; {len(bad)} such lines); "
-                        "fix the list or set dataset.num_classes (or dataset.label_offset).")
+    bad = label_problems(index, num_classes, cfg.label_offset)
+    if bad:
+        raise DataError(f"{list_file} line {bad[0][0]}: {bad[0][1]}, {cfg.name} has {num_classes} classes "
+                        f"({len(bad)} such lines); fix the list or set dataset.num_classes (or dataset.label_offset).")
     expected = cfg.counts.get(path)
     if expected is not None and expected != len(index.targets):
         log.warning("%s lists %d images, the published list %d: check the download (`tllab-data check %s`)",

@@ -38,7 +38,7 @@ def _seeds(seed: int, first_position: int, n: int) -> list[int]:
     return [sample_seed(seed, first_position + j) for j in range(n)]
 
 
-class InfiniteBatchSampler(Sampler[list[int]]):
+class InfiniteBatchSampler(Sampler[Batch]):
     """An endless stream of shuffled passes over ``range(n)``, cut into batches, sharded by rank.
 
     Pass ``p`` is ``randperm(n)`` drawn from a generator seeded with ``seed * 1_000_003 + p``; the
@@ -66,7 +66,11 @@ class InfiniteBatchSampler(Sampler[list[int]]):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + p)
         return torch.randperm(self.n, generator=g).tolist()
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[Batch]:
+        for b, indices in enumerate(self._indices(), self.start_batch):
+            yield Batch(indices, _seeds(self.seed, b * self.batch_size + self.shard.start, len(indices)))
+
+    def _indices(self) -> Iterator[list[int]]:
         pos = self.start_batch * self.batch_size
         p, offset = divmod(pos, self.n)
         perm = self._perm(p)
@@ -81,13 +85,8 @@ class InfiniteBatchSampler(Sampler[list[int]]):
                     perm = self._perm(p)
             yield batch[self.shard]
 
-    def keyed(self) -> Iterator[Batch]:
-        """The batches as :class:`Batch` (with their samples' transform seeds)."""
-        for b, indices in enumerate(self, self.start_batch):
-            yield Batch(indices, _seeds(self.seed, b * self.batch_size + self.shard.start, len(indices)))
 
-
-class DomainBalancedBatchSampler(Sampler[list[int]]):
+class DomainBalancedBatchSampler(Sampler[Batch]):
     """Like :class:`InfiniteBatchSampler`, but every rank's batch holds ``batch_size / D``
     samples of each of the ``D`` domains, domain-major (``[domain 0 ..., domain 1 ..., ...]``),
     so cross-domain methods (MixStyle's ``crossdomain`` mixing) find the same layout on every
@@ -114,13 +113,10 @@ class DomainBalancedBatchSampler(Sampler[list[int]]):
         self.streams = [InfiniteBatchSampler(len(g), k, seed * 7919 + d, start_batch, rank, world)
                         for d, g in enumerate(self.groups)]
 
-    def __iter__(self) -> Iterator[list[int]]:
-        return (list(batch) for batch in self.keyed())
-
-    def keyed(self) -> Iterator[Batch]:
-        """The batches as :class:`Batch`; a sample's seed comes from its position in its domain's stream,
-        which DDP shards as one process draws it."""
-        its = [s.keyed() for s in self.streams]
+    def __iter__(self) -> Iterator[Batch]:
+        """A sample's seed comes from its position in its domain's stream, which DDP shards as one
+        process draws it."""
+        its = [iter(s) for s in self.streams]
         while True:
             parts = [next(it) for it in its]
             yield Batch([int(g[i]) for g, part in zip(self.groups, parts) for i in part],
@@ -153,7 +149,7 @@ class ForeverLoader:
             position = (self.batch_size, self.seed, self.batches, self.rank, self.world)
             sampler = (DomainBalancedBatchSampler(self.dataset.domains, *position) if self.balanced
                        else InfiniteBatchSampler(len(self.dataset), *position))
-            self._it = iter(DataLoader(self.dataset, batch_sampler=_Keyed(sampler), num_workers=self.num_workers,
+            self._it = iter(DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                                        collate_fn=getattr(self.dataset, "collate_fn", None),
                                        persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory,
                                        multiprocessing_context=_worker_context(self.num_workers),
@@ -171,16 +167,6 @@ class ForeverLoader:
     def close(self) -> None:
         """Stop the worker processes now, not at interpreter exit (where their shutdown can wait)."""
         self._it = None
-
-
-class _Keyed(Sampler[Batch]):
-    """A training sampler's :meth:`keyed` batches (a DataLoader iterates its sampler once)."""
-
-    def __init__(self, sampler: InfiniteBatchSampler | DomainBalancedBatchSampler) -> None:
-        self.sampler = sampler
-
-    def __iter__(self) -> Iterator[Batch]:
-        return self.sampler.keyed()
 
 
 def _workers(dataset: Dataset, num_workers: int | None) -> int:
