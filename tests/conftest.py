@@ -7,12 +7,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig
+# Pretrained weights come only from the caches tests plant: never wait on the Hugging Face hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
-from tllab.schema import register_configs
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from tllab.schema import register_configs  # noqa: E402
 
 TESTS = Path(__file__).parent
 # Fast settings for end-to-end runs: a few steps, no progress bar.

@@ -14,8 +14,8 @@ from torch import nn
 from tllab.errors import CheckpointError, ConfigError
 from tllab.models import TLLAB_MODELS, Classifier, create_backbone
 from tllab.models.cnn import DigitsCNN
-from tllab.models.pretrained import load_efficientnet_lite0_imagenet
 from tllab.models.resnet import RESNETS
+from tllab.models.weights import load_efficientnet_lite0_imagenet
 from tllab.schema import Library
 
 
@@ -168,17 +168,6 @@ def test_pretrained_imagenet_backbone_is_feature_extractor_with_loaded_weights(l
         feats = backbone(x)
         assert feats.shape == (2, 1280)
         torch.testing.assert_close(feats, lite0.forward_head(lite0.forward_features(x), pre_logits=True))
-
-
-@pytest.mark.parametrize(("library", "name"), [("timm", "resnet18"), ("torchvision", "resnet18"),
-                                               ("tllab", "digits_cnn")])
-def test_hub_weights_that_cannot_be_fetched_name_offline_options(library, name):
-    with pytest.raises(ConfigError) as err:
-        create_backbone(library, name, pretrained="imagenet")
-    msg = str(err.value)
-    assert f"no offline ImageNet weights for {library} model {name!r}" in msg
-    assert "backbone.pretrained=/path/to/weights.pt" in msg
-    assert "backbone=efficientnet_lite0" in msg
 
 
 # ---------------------------------------------------------------------------------------- local checkpoints

@@ -51,8 +51,8 @@ def test_source_head_needs_a_pretrained_classifier(tmp_path):
     torch.save(create_backbone("tllab", "digits_cnn").state_dict(), backbone_only)
     with pytest.raises(CheckpointError, match="no classifier head"):
         load_source_head({"pretrained": str(backbone_only)})
-    with pytest.raises(ConfigError, match="no offline ImageNet weights"):
-        load_source_head({"library": "timm", "name": "resnet18", "pretrained": "imagenet"})
+    with pytest.raises(ConfigError, match="no ImageNet weights for tllab model 'digits_cnn'"):
+        load_source_head({"library": "tllab", "name": "digits_cnn", "pretrained": "imagenet"})
 
 
 def test_efficientnet_imagenet_source_head_recognises_chelsea():

@@ -78,8 +78,10 @@ class WandbMode(str, Enum):
 class BackboneConfig:
     library: Library = Library.tllab
     name: str = "digits_cnn"
-    # None (random init), "imagenet" (offline weights where tllab ships them) or a checkpoint path
+    # None (random init), "imagenet" (tllab/models/weights.py) or a file: tllab checkpoint, state dict, MoCo
     pretrained: str | None = None
+    # which ImageNet weights: a torchvision weights name (default IMAGENET1K_V1, as tllib) or a timm tag
+    weights: str | None = None
     # Also load the checkpoint's bottleneck and head (same classes: keep training the source model)
     load_head: bool = False
     bottleneck_dim: int | None = None
@@ -256,6 +258,9 @@ def validate_config(cfg: TrainConfig) -> None:
     for key, value, ok, rule in checks:
         if not ok:
             raise ConfigError(f"{key}={value} is invalid: it must be {rule}.")
+    if cfg.backbone.weights and cfg.backbone.pretrained != "imagenet":
+        raise ConfigError(f"backbone.weights={cfg.backbone.weights} chooses ImageNet weights; set "
+                          "backbone.pretrained=imagenet or drop backbone.weights.")
     if cfg.backbone.load_head and cfg.backbone.pretrained in (None, "imagenet"):
         raise ConfigError(f"backbone.load_head=true needs backbone.pretrained=<tllab checkpoint>, not "
                           f"{cfg.backbone.pretrained}; set backbone.pretrained or drop backbone.load_head.")

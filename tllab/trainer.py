@@ -74,7 +74,8 @@ def build_model(cfg: TrainConfig, plugins: Iterable[Plugin]) -> nn.Module:
     """The run's model: backbone -> optional bottleneck -> head, then each plug-in's
     ``transform_model`` in order (also used to rebuild a checkpoint's model for analysis)."""
     model: nn.Module = Classifier(
-        create_backbone(cfg.backbone.library, cfg.backbone.name, cfg.backbone.pretrained, **cfg.backbone.kwargs),
+        create_backbone(cfg.backbone.library, cfg.backbone.name, cfg.backbone.pretrained, cfg.backbone.weights,
+                        **cfg.backbone.kwargs),
         cfg.dataset.num_classes, cfg.backbone.bottleneck_dim)
     if cfg.backbone.load_head and cfg.backbone.pretrained:  # (analysis rebuilds without pretrained weights)
         load_head_checkpoint(model, cfg.backbone.pretrained)

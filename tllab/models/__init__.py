@@ -14,12 +14,7 @@ from torch import nn
 from tllab.errors import ConfigError
 from tllab.models.classifier import Classifier
 from tllab.models.cnn import digits_cnn
-from tllab.models.pretrained import (
-    OFFLINE_IMAGENET,
-    load_backbone_checkpoint,
-    load_efficientnet_lite0_imagenet,
-    no_offline_weights_error,
-)
+from tllab.models.pretrained import load_backbone_checkpoint
 from tllab.models.resnet import RESNETS, torchvision_resnet
 from tllab.models.timm_models import timm_backbone
 
@@ -36,20 +31,22 @@ def _ibn_resnet(name: str) -> Callable[..., nn.Module]:
 # Own models: name -> builder(**kwargs).
 TLLAB_MODELS: dict[str, Callable[..., nn.Module]] = {
     "digits_cnn": digits_cnn,
-    **{f"resnet{d}_ibn_{v}": _ibn_resnet(f"resnet{d}_ibn_{v}") for d in (18, 34, 50) for v in "ab"},
+    **{f"resnet{d}_ibn_{v}": _ibn_resnet(f"resnet{d}_ibn_{v}") for d in (18, 34, 50, 101) for v in "ab"},
 }
 
 __all__ = ["Classifier", "TLLAB_MODELS", "create_backbone"]
 
 
-def create_backbone(library: str, name: str, pretrained: str | None = None, **kwargs) -> nn.Module:
-    """Build a backbone by name, optionally with pretrained weights available offline.
+def create_backbone(library: str, name: str, pretrained: str | None = None, weights: str | None = None,
+                    **kwargs) -> nn.Module:
+    """Build a backbone by name, optionally with pretrained weights.
 
     Args:
         library: ``"tllab"``, ``"torchvision"`` or ``"timm"``.
         name: model name in that library (``digits_cnn``, ``resnet50``, any timm name...).
-        pretrained: ``None`` (random init), ``"imagenet"`` (only where tllab has offline weights:
-            timm ``tf_efficientnet_lite0``) or the path of a checkpoint / state dict.
+        pretrained: ``None`` (random init), ``"imagenet"`` (:mod:`tllab.models.weights`) or the
+            path of a tllab checkpoint, a torchvision/timm state dict or a MoCo checkpoint.
+        weights: which ImageNet weights (torchvision weights name or timm tag; default: tllib's).
         **kwargs: passed to the model's builder.
 
     Returns:
@@ -59,6 +56,10 @@ def create_backbone(library: str, name: str, pretrained: str | None = None, **kw
         >>> create_backbone("tllab", "digits_cnn").out_features
         2048
     """
+    if pretrained == "imagenet":
+        from tllab.models.weights import imagenet_backbone  # imports this module's builders
+
+        return imagenet_backbone(library, name, weights, **kwargs)[0]
     if library == "tllab":
         if name not in TLLAB_MODELS:
             raise ConfigError(f"unknown tllab backbone {name!r}; available: {sorted(TLLAB_MODELS)}.")
@@ -73,12 +74,6 @@ def create_backbone(library: str, name: str, pretrained: str | None = None, **kw
     else:
         raise ConfigError(f"unknown backbone library {library!r}; use tllab, torchvision or timm.")
 
-    if pretrained == "imagenet":
-        if library != "timm" or name not in OFFLINE_IMAGENET:
-            raise no_offline_weights_error(library, name)
-        model.reset_classifier(1000)
-        load_efficientnet_lite0_imagenet(model)
-        model.reset_classifier(0)
-    elif pretrained:
+    if pretrained:
         load_backbone_checkpoint(model, pretrained)
     return model

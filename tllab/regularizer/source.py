@@ -17,11 +17,10 @@ from torch import Tensor, nn
 
 from tllab.checkpoint import load_checkpoint
 from tllab.errors import CheckpointError, ConfigError
-from tllab.models.pretrained import OFFLINE_IMAGENET, load_efficientnet_lite0_imagenet, no_offline_weights_error
+from tllab.models.weights import imagenet_backbone
 
 NO_SOURCE = ("{method} needs the pretrained model's classifier (its source head): set backbone.pretrained to a "
-             "tllab checkpoint of a trained classifier (<run dir>/checkpoints/last.pt) or, with "
-             "backbone=efficientnet_lite0, to imagenet.")
+             "tllab checkpoint of a trained classifier (<run dir>/checkpoints/last.pt) or to imagenet.")
 
 
 def load_source_head(backbone_cfg: Mapping[str, Any], method: str = "this regularizer"
@@ -33,12 +32,12 @@ def load_source_head(backbone_cfg: Mapping[str, Any], method: str = "this regula
     - a tllab checkpoint (``<run>/checkpoints/*.pt``): its ``bottleneck.*`` (if any:
       ``Linear -> BatchNorm1d -> ReLU`` as in :class:`tllab.models.Classifier`) and ``head.*``
       weights; class names from the checkpoint's ``classes``, else ``"0", "1", ...``;
-    - ``imagenet`` (timm ``tf_efficientnet_lite0`` / ``efficientnet_lite0``): the 1000-way
-      ImageNet ``classifier`` of the offline weights; class names from timm's bundled ImageNet
-      info, else indices.
+    - ``imagenet``: the 1000-way ImageNet classifier of the backbone's weights
+      (:func:`tllab.models.weights.imagenet_backbone`, tllib's ``copy_head()``); class names
+      from timm's bundled ImageNet info.
 
     Args:
-        backbone_cfg: the ``backbone`` config (``library``, ``name``, ``pretrained``, ``kwargs``).
+        backbone_cfg: the ``backbone`` config (``library``, ``name``, ``pretrained``, ``weights``, ``kwargs``).
         method: how error messages name the caller (``"regularizer=lwf"``).
 
     Returns:
@@ -50,7 +49,8 @@ def load_source_head(backbone_cfg: Mapping[str, Any], method: str = "this regula
         - ``head`` output: :math:`(N, S)`, ``S = len(classes)``.
 
     Raises:
-        ConfigError: ``backbone.pretrained`` is unset, or names ImageNet weights tllab lacks.
+        ConfigError: ``backbone.pretrained`` is unset, or names ImageNet weights that do not exist.
+        WeightsError: the ImageNet weights are not cached and cannot be downloaded.
         CheckpointError: the file is unreadable or holds no classifier head.
 
     Example:
@@ -93,22 +93,12 @@ def _checkpoint_head(path: Path, method: str) -> tuple[nn.Module, list[str]]:
 
 
 def _imagenet_head(backbone_cfg: Mapping[str, Any]) -> tuple[nn.Module, list[str]]:
-    import timm
+    from timm.data import ImageNetInfo
 
-    library, name = str(backbone_cfg.get("library")), str(backbone_cfg.get("name"))
-    if library != "timm" or name not in OFFLINE_IMAGENET:
-        raise no_offline_weights_error(library, name)
-    model = timm.create_model(name, pretrained=False, num_classes=1000, **backbone_cfg.get("kwargs", {}))
-    load_efficientnet_lite0_imagenet(model)
-    # timm's classifier acts on the pooled features, which is what the tllab timm backbone returns.
-    head = nn.Sequential(OrderedDict(head=model.get_classifier()))
-    try:
-        from timm.data import ImageNetInfo
-
-        classes = list(ImageNetInfo().label_descriptions())  # bundled with timm: no download
-    except ImportError:  # timm < 0.9.8 has no bundled ImageNet info
-        classes = [str(i) for i in range(1000)]
-    return head, classes
+    _, head = imagenet_backbone(str(backbone_cfg.get("library")), str(backbone_cfg.get("name")),
+                                backbone_cfg.get("weights"), **backbone_cfg.get("kwargs", {}))
+    # the classifier acts on the pooled features, which is what every tllab backbone returns
+    return nn.Sequential(OrderedDict(head=head)), list(ImageNetInfo().label_descriptions())
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
