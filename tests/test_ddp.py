@@ -19,7 +19,8 @@ from tllab.trainer import Trainer
 
 COMMON = ["optim=sgd", "trainer.max_steps=12", "trainer.eval_every=6", "trainer.quiet=true", "seed=3",
           "trainer.precision=float64"]  # float64: equal up to rounding, not up to float32 noise
-RUN_FILES = {".hydra", "checkpoints", "config.yaml", "done", "results.jsonl", "summary.json", "train.log"}
+RUN_FILES = {".hydra", "checkpoints", "config.yaml", "done", "results.jsonl", "per_class.jsonl", "summary.json",
+             "train.log"}
 
 
 def cli(tmp_path: Path, *overrides: str, launcher: tuple[str, ...] = ("-m", "tllab.train"), **kwargs):
@@ -72,10 +73,13 @@ def test_ddp_with_syncbn_equals_one_process_on_the_concatenated_batch(tmp_path):
     cfg, resolved = resolve_config(compose_config([*COMMON, "trainer.batch_size=32"]))
     trainer = Trainer(cfg, tmp_path / "eval", resolved)
     trainer.model.load_state_dict(ddp["model"])
-    local = trainer.evaluate()
+    local, local_per_class = trainer.evaluate()
     final = records(run_dir)[-1]
     for key, value in local.items():
-        assert final[key] == pytest.approx(value, abs=1e-9 if key.endswith("/acc") else 1e-6), key
+        assert final[key] == pytest.approx(value, abs=1e-6 if key.endswith("/loss") else 1e-12), key
+    # per-class accuracies are counts all-reduced over ranks whose shards hold each class unevenly
+    per_class = json.loads((run_dir / "per_class.jsonl").read_text().splitlines()[-1])
+    assert per_class["step"] == 12 and per_class["target_test"] == local_per_class["target_test"]
     assert final["target_test/acc"] == pytest.approx(single["final"]["target_test/acc"], abs=0.002)
 
 

@@ -14,11 +14,11 @@ from tllab.schema import LoggerConfig, WandbMode
 
 
 class ResultsFile:
-    """Append-only ``results.jsonl``; on resume, records after the checkpoint's step are dropped
-    (they are recomputed), so every step appears once."""
+    """Append-only JSON lines (``results.jsonl``, ``per_class.jsonl``); on resume, records after
+    the checkpoint's step are dropped (they are recomputed), so every step appears once."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / "results.jsonl"
+    def __init__(self, run_dir: Path, name: str = "results.jsonl") -> None:
+        self.path = run_dir / name
 
     def truncate_after(self, step: int) -> None:
         if not self.path.exists():

@@ -154,6 +154,7 @@ class Trainer:
         if self.main:
             run_dir.mkdir(parents=True, exist_ok=True)
         self.results = ResultsFile(run_dir)
+        self.per_class = ResultsFile(run_dir, "per_class.jsonl")  # split -> accuracy of each class
         self.ckpt_dir = run_dir / "checkpoints"
         self.step = 0
         self.skipped = 0  # training images left out (dataset.skip_bad_images) since the last evaluation
@@ -225,6 +226,7 @@ class Trainer:
         self.step, self.elapsed, self.best = state["step"], state["elapsed"], state["best"]
         if self.main:
             self.results.truncate_after(self.step)
+            self.per_class.truncate_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
 
     def _save(self, metrics: dict[str, float]) -> None:
@@ -306,35 +308,46 @@ class Trainer:
         return False
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Accuracy and mean cross-entropy on every evaluation split; under data parallelism each
-        rank evaluates its part of every split (after taking rank 0's BatchNorm buffers) and the
-        sums are all-reduced, so the result equals one process evaluating everything."""
+    def evaluate(self) -> tuple[dict[str, float], dict[str, list[float | None]]]:
+        """Accuracy, mean per-class accuracy and mean cross-entropy on every evaluation split, and
+        each split's per-class accuracies (``None`` for a class without images in the split).
+
+        The mean per-class accuracy (VisDA-2017's "Mean") averages the classes present in the
+        split. Under data parallelism each rank evaluates its part of every split (after taking
+        rank 0's BatchNorm buffers) and the counts are all-reduced, so every number equals one
+        process evaluating everything."""
         broadcast_tensors(self.model.buffers())
         was_training = self.model.training
         self.model.eval()
         metrics: dict[str, float] = {}
-        tc = self.cfg.trainer
+        per_class: dict[str, list[float | None]] = {}
+        tc, k = self.cfg.trainer, self.cfg.dataset.num_classes
         for split, dataset in self.data.eval_splits.items():
             model = self.model
             for plugin in self.plugins.values():
                 model = plugin.eval_model(model, self.ctx, split)
             model.eval()
-            sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # correct, loss, count
+            # loss, then per class: images, correct
+            sums = torch.zeros(1 + 2 * k, dtype=torch.float64, device=self.device)
             for x, y, _ in eval_loader(dataset, tc.eval_batch_size, tc.num_workers, self.rank, self.world,
                                        self.pin_memory):
                 x, y = x.to(self.device, self.dtype), y.to(self.device)
                 with self.autocast():
                     logits, _ = model(x)
-                sums += torch.stack([(logits.argmax(1) == y).sum().double(),
-                                     F.cross_entropy(_upcast(logits), y, reduction="sum").double(),
-                                     torch.tensor(len(y), dtype=torch.float64, device=self.device)])
-            correct, loss, n = all_reduce_sum(sums).tolist()
-            metrics[f"{split}/acc"], metrics[f"{split}/loss"] = correct / n, loss / n
+                sums[0] += F.cross_entropy(_upcast(logits), y, reduction="sum").double()
+                sums[1:k + 1] += torch.bincount(y, minlength=k).double()
+                sums[k + 1:] += torch.bincount(y[logits.argmax(1) == y], minlength=k).double()
+            sums = all_reduce_sum(sums)
+            count, correct = sums[1:k + 1], sums[k + 1:]
+            n, present = count.sum().item(), count > 0
+            metrics[f"{split}/acc"] = correct.sum().item() / n
+            metrics[f"{split}/acc_per_class_mean"] = (correct[present] / count[present]).mean().item()
+            metrics[f"{split}/loss"] = sums[0].item() / n
+            per_class[split] = [c / m if m else None for c, m in zip(correct.tolist(), count.tolist())]
             if self.cfg.dataset.skip_bad_images:
                 metrics[f"{split}/skipped"] = len(dataset) - int(n)
         self.model.train(was_training)
-        return metrics
+        return metrics, per_class
 
     # ---------------------------------------------------------------- loop
     def fit(self, wandb_run: WandbRun | None = None) -> dict[str, Any]:
@@ -388,7 +401,8 @@ class Trainer:
                 "Lower optim.lr or set trainer.grad_clip.")
 
     def _evaluate_and_record(self, train: dict[str, float], wandb_run: WandbRun | None) -> None:
-        metrics = {**train, **self.evaluate()}
+        evaluated, per_class = self.evaluate()
+        metrics = {**train, **evaluated}
         self._check_finite(metrics)
         skipped = {k.rsplit("/", 1)[0]: int(v) for k, v in metrics.items() if k.endswith("/skipped") and v}
         if skipped and self.main:
@@ -402,6 +416,7 @@ class Trainer:
             self.best = {"step": self.step, "score": score, "metrics": metrics}
         if self.main:
             self.results.append(record)
+            self.per_class.append({"step": self.step, **per_class, "classes": self.data.classes})
             if wandb_run is not None:
                 wandb_run.log({k: record[k] for k in ("step", "epoch", "lr", *metrics)})
             shown = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("/acc"))
