@@ -58,3 +58,20 @@ def finetune_tree(root: Path, num_classes: int, train_per_class: int, test_per_c
     for name, rows in lists.items():
         write_list(root / "image_list" / f"{name}.txt", rows)
     return lists
+
+
+def catalog_tree(root: Path, cfg, num_classes: int = 3, per_class: int = 2) -> None:
+    """Any image-list entry of the benchmark catalog in its own layout: every list file its domains
+    name (train, test, val, fixed subsets), each with ``per_class`` images of the first
+    ``num_classes`` classes, labels written as the lists count them (``dataset.label_offset``)."""
+    from tllab.data.layout import domain_spec
+
+    for d, key in enumerate(cfg.domains):
+        rows = []
+        for label in range(num_classes):
+            for k in range(per_class):
+                rel = f"{key}/{label}/{k}.jpg"
+                write_jpeg(root / rel, seed=10_000 * d + 100 * label + k)
+                rows.append((rel, label + cfg.label_offset))
+        for file in domain_spec(key, cfg).files():
+            write_list(root / file, rows)

@@ -122,10 +122,22 @@ def test_plugin_loss_has_a_weighted_term_for_source_and_target():
     assert f_s.grad is not None and AFNStrategy.uses_target and AFNStrategy.exclusive == "head"
 
 
+def test_entropy_term_is_tllibs_mean_target_entropy():
+    logits_t = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    out = StepOutput(step=0, total_steps=1, model=nn.Identity(), x_s=torch.zeros(2), y_s=torch.zeros(2),
+                     d_s=torch.zeros(2), logits_s=torch.zeros(2, 3), f_s=features(2), x_t=torch.zeros(2),
+                     logits_t=logits_t, f_t=features(2, seed=1))
+    terms = AFNStrategy(entropy_weight=0.1).loss(out)
+    p = [[math.exp(v) / sum(math.exp(u) for u in row) for v in row] for row in logits_t.tolist()]
+    hand = sum(-sum(q * math.log(q + 1e-5) for q in row) for row in p) / 2
+    assert terms["entropy"].dtype == torch.float64 and terms["entropy"].item() == pytest.approx(0.1 * hand, rel=1e-12)
+    assert "entropy" not in AFNStrategy().loss(out)
+
+
 def test_yaml_defaults_and_bad_options():
     cfg = compose_config(["norm=afn"])
     assert dict(cfg.norm.afn) == {"_target_": "tllab.norm.afn.AFNStrategy", "delta": 1.0, "weight": 0.05,
-                                  "num_blocks": 1, "bottleneck_dim": 1000, "dropout_p": 0.5}
+                                  "num_blocks": 1, "bottleneck_dim": 1000, "dropout_p": 0.5, "entropy_weight": 0.0}
     plugin = build_plugins("norm", cfg.norm)["afn"]
     assert (plugin.afn.delta, plugin.weight, plugin.num_blocks, plugin.bottleneck_dim, plugin.dropout_p) == (
         1.0, 0.05, 1, 1000, 0.5)

@@ -85,6 +85,8 @@ class BackboneConfig:
     # Also load the checkpoint's bottleneck and head (same classes: keep training the source model)
     load_head: bool = False
     bottleneck_dim: int | None = None
+    dropout: float = 0.0  # before the head (tllib's DG --freeze-bn adds 0.1)
+    freeze_bn: bool = False  # backbone BatchNorm layers stay in eval mode (tllib's DG --freeze-bn, PACS)
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -252,6 +254,7 @@ def validate_config(cfg: TrainConfig) -> None:
         ("dataset.crop_scale", d.crop_scale, len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
          "[min, max] with 0 < min <= max <= 1"),
         ("dataset.label_offset", d.label_offset, d.label_offset >= 0, ">= 0"),
+        ("backbone.dropout", cfg.backbone.dropout, 0 <= cfg.backbone.dropout < 1, "in [0, 1)"),
         ("backbone.bottleneck_dim", cfg.backbone.bottleneck_dim,
          cfg.backbone.bottleneck_dim is None or cfg.backbone.bottleneck_dim >= 1, ">= 1 or null"),
     ]

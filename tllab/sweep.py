@@ -4,7 +4,10 @@ A sweep is a Hydra multirun (``tllab-train -m ...``) run by tllab's sweeper
 (``hydra_plugins/tllab_sweeper``, the default ``hydra/sweeper``), following DomainBed's contract:
 
 - the grid is the Cartesian product of comma lists on the command line and of
-  ``hydra.sweeper.params`` in an experiment preset;
+  ``hydra.sweeper.params`` in an experiment preset, times the preset's ``hydra.sweeper.rows``
+  (a table's rows, each a list of overrides: methods with their own recipes), less the jobs whose
+  ``hydra.sweeper.distinct`` keys are equal (``[dataset.source, dataset.target]``: every ordered
+  pair of different domains), see :func:`expand_grid`;
 - each job's identity is a hash of its canonical overrides (:func:`job_id`; keys that do not
   change results, like ``trainer.quiet`` or ``logger.*``, are left out), and the job runs in
   ``<sweep dir>/<id>``;
@@ -59,6 +62,31 @@ def canonical_overrides(overrides: Sequence[str]) -> list[str]:
             continue
         canonical.append(f"{key}={o.get_value_element_as_str()}")
     return sorted(canonical)
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def expand_grid(grid: Sequence[Sequence[str]], rows: dict[str, Sequence[str]] | None = None,
+                distinct: Sequence[str] = ()) -> list[list[str]]:
+    """Each job of ``grid`` once per row of ``rows`` (row overrides first; a key the job sets
+    itself, from the command line or ``params``, keeps the job's value), without the jobs whose
+    ``distinct`` keys all hold the same value.
+
+    Example:
+        >>> expand_grid([["dataset.source=[A]", "dataset.target=[A]"], ["dataset.source=[A]", "dataset.target=[W]"]],
+        ...             {"source only": [], "afn": ["norm=afn", "optim.lr=0.01"]}, ["dataset.source", "dataset.target"])
+        [['dataset.source=[A]', 'dataset.target=[W]'], ['norm=afn', 'optim.lr=0.01', 'dataset.source=[A]', 'dataset.target=[W]']]
+    """
+    jobs = []
+    for job in grid:
+        values = {_key(o): o.split("=", 1)[1] for o in job}
+        if len(distinct) > 1 and all(k in values for k in distinct) and len({values[k] for k in distinct}) == 1:
+            continue
+        for row in (rows or {"": []}).values():
+            jobs.append([*(o for o in row if _key(o) not in values), *job])
+    return jobs
 
 
 def job_id(overrides: Sequence[str]) -> str:

@@ -76,7 +76,7 @@ def build_model(cfg: TrainConfig, plugins: Iterable[Plugin]) -> nn.Module:
     model: nn.Module = Classifier(
         create_backbone(cfg.backbone.library, cfg.backbone.name, cfg.backbone.pretrained, cfg.backbone.weights,
                         **cfg.backbone.kwargs),
-        cfg.dataset.num_classes, cfg.backbone.bottleneck_dim)
+        cfg.dataset.num_classes, cfg.backbone.bottleneck_dim, cfg.backbone.dropout, cfg.backbone.freeze_bn)
     if cfg.backbone.load_head and cfg.backbone.pretrained:  # (analysis rebuilds without pretrained weights)
         load_head_checkpoint(model, cfg.backbone.pretrained)
     for plugin in plugins:

@@ -10,7 +10,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional  # noqa: UP035 - OmegaConf reads these annotations at runtime
+from typing import Any, Dict, List, Optional  # noqa: UP035 - OmegaConf reads these annotations at runtime
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
@@ -20,7 +20,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from tllab.sweep import format_jobs, plan, subdir_override
+from tllab.sweep import expand_grid, format_jobs, plan, subdir_override
 
 log = logging.getLogger("tllab")
 
@@ -30,6 +30,11 @@ class TllabSweeperConf:  # no `from __future__ import annotations`: Hydra loads 
     _target_: str = "hydra_plugins.tllab_sweeper.tllab_sweeper.TllabSweeper"
     # The grid of an experiment preset, like the basic sweeper's: {key: "v1,v2"}.
     params: Optional[Dict[str, str]] = None  # noqa: UP006, UP007, UP045
+    # A table's rows: {row name: [overrides]}; every grid job runs once per row (tllab.sweep.expand_grid);
+    # a row set to null is removed (a preset building on another drops that preset's row).
+    rows: Optional[Dict[str, Any]] = None  # noqa: UP006, UP007, UP045
+    # Keys whose values must differ within a job: [dataset.source, dataset.target] gives every domain pair.
+    distinct: Optional[List[str]] = None  # noqa: UP006, UP007, UP045
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="tllab", node=TllabSweeperConf, provider="tllab")
@@ -38,8 +43,11 @@ ConfigStore.instance().store(group="hydra/sweeper", name="tllab", node=TllabSwee
 class TllabSweeper(Sweeper):
     """Runs the grid's unfinished jobs in ``<hydra.sweep.dir>/<job id>`` and reports failures."""
 
-    def __init__(self, params: dict[str, str] | None = None) -> None:
+    def __init__(self, params: dict[str, str] | None = None, rows: dict[str, list[str]] | None = None,
+                 distinct: list[str] | None = None) -> None:
         self.params = dict(params or {})
+        self.rows = {k: list(v) for k, v in (rows or {}).items() if v is not None}
+        self.distinct = list(distinct or [])
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
@@ -51,7 +59,7 @@ class TllabSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> Any:
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides([*(f"{k}={v}" for k, v in self.params.items()), *arguments])
-        grid = BasicSweeper.split_arguments(overrides, None)[0]
+        grid = expand_grid(BasicSweeper.split_arguments(overrides, None)[0], self.rows, self.distinct)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         jobs = plan(sweep_dir, grid)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")

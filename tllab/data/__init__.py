@@ -168,8 +168,9 @@ def resolve_num_classes(cfg: DatasetConfig) -> int:
 
 def _split_per_class(targets: np.ndarray, take: Callable[[int], int], rng: np.random.Generator
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Per class, move ``take(n_class)`` random indices to the second part."""
-    rest, taken = [], []
+    """Per class, move ``take(n_class)`` random indices to the second part (both empty for no targets:
+    a fixed subset that is the whole train list, e.g. ``train_100.txt``, leaves nothing to validate on)."""
+    rest, taken = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
     for c in np.unique(targets):
         idx = rng.permutation(np.flatnonzero(targets == c))
         k = take(len(idx))

@@ -14,11 +14,17 @@ class Classifier(nn.Module):
 
     The bottleneck (when ``bottleneck_dim`` is set) is ``Linear -> BatchNorm1d -> ReLU`` as in
     tllib. Methods may replace ``bottleneck`` or ``head`` in ``Plugin.transform_model``.
+    tllib's domain-generalization ``--freeze-bn`` (its PACS runs) is ``freeze_bn=True,
+    dropout=0.1``: the backbone's BatchNorm layers stay in evaluation mode (running statistics
+    used and never updated; their affine parameters still train) and the head sees the
+    features through ``Dropout(dropout)``.
 
     Args:
         backbone: module with ``out_features`` mapping images to :math:`(N, D)`.
         num_classes: number of classes of the head.
         bottleneck_dim: width of the bottleneck, or ``None`` for none.
+        dropout: dropout probability before the head. Default: 0.
+        freeze_bn: keep the backbone's BatchNorm layers in evaluation mode. Default: False.
 
     Shape:
         - Input: :math:`(N, 3, H, W)`.
@@ -32,9 +38,10 @@ class Classifier(nn.Module):
         (torch.Size([4, 10]), torch.Size([4, 256]))
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, bottleneck_dim: int | None = None) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int, bottleneck_dim: int | None = None,
+                 dropout: float = 0.0, freeze_bn: bool = False) -> None:
         super().__init__()
-        self.backbone = backbone
+        self.backbone, self.freeze_bn = backbone, freeze_bn
         if bottleneck_dim:
             self.bottleneck: nn.Module = nn.Sequential(
                 nn.Linear(backbone.out_features, bottleneck_dim), nn.BatchNorm1d(bottleneck_dim), nn.ReLU()
@@ -43,12 +50,21 @@ class Classifier(nn.Module):
         else:
             self.bottleneck = nn.Identity()
             self.features_dim = backbone.out_features
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.head = nn.Linear(self.features_dim, num_classes)
         self.num_classes = num_classes
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         f = self.bottleneck(self.backbone(x))
-        return self.head(f), f
+        return self.head(self.dropout(f)), f
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        if self.freeze_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def get_parameters(self, base_lr: float, backbone_lr_mult: float = 1.0) -> list[dict[str, Any]]:
         """Optimizer parameter groups: the backbone at ``backbone_lr_mult * base_lr``, the rest at

@@ -125,7 +125,7 @@ class AFNHead(nn.Module):
     """
 
     def __init__(self, in_features: int, num_classes: int, num_blocks: int = 1, bottleneck_dim: int = 1000,
-                 dropout_p: float = 0.5) -> None:
+                 dropout_p: float = 0.5, entropy_weight: float = 0.0) -> None:
         super().__init__()
         if num_blocks < 1:
             raise ValueError(f"num_blocks={num_blocks} must be >= 1")
@@ -150,7 +150,9 @@ class AFNStrategy(Plugin):
     :class:`AFNHead`, and every step adds :math:`\lambda L_{afn}(f_s)` and
     :math:`\lambda L_{afn}(f_t)` (:class:`AdaptiveFeatureNorm`) on the source and target
     bottleneck features (logged as ``norm_s`` and ``norm_t``; their values are constant,
-    :math:`\lambda \Delta r^2`, by design).
+    :math:`\lambda \Delta r^2`, by design), and optionally tllib's entropy term on the target
+    predictions, :math:`\mu \cdot \frac{1}{N}\sum_i -\sum_c p_{ic} \log(p_{ic} + 10^{-5})`
+    (``entropy``; tllib's ``--trade-off-entropy``, 0.1 in its Office-31 runs).
 
     Defaults are those of the official ``train.py`` (Office-31 / ImageCLEF, SAFN) and tllib's
     ``afn.py``; VisDA-2017 uses ``delta=0.3, weight=0.01, num_blocks=2``. The backbone's own
@@ -162,6 +164,7 @@ class AFNStrategy(Plugin):
         num_blocks: bottleneck blocks. Default: 1.
         bottleneck_dim: width of the blocks (the features). Default: 1000.
         dropout_p: the blocks' L2-preserved dropout. Default: 0.5.
+        entropy_weight: :math:`\mu`; 0 leaves the term out. Default: 0.
 
     Example:
         ``tllab-train norm=afn`` (unlabelled target batches are drawn, ``dataset.setting=da``).
@@ -171,13 +174,13 @@ class AFNStrategy(Plugin):
     exclusive = "head"
 
     def __init__(self, delta: float = 1.0, weight: float = 0.05, num_blocks: int = 1, bottleneck_dim: int = 1000,
-                 dropout_p: float = 0.5) -> None:
+                 dropout_p: float = 0.5, entropy_weight: float = 0.0) -> None:
         super().__init__()
         if num_blocks < 1 or bottleneck_dim < 1 or not 0 <= dropout_p < 1:
             raise ValueError(f"need num_blocks >= 1, bottleneck_dim >= 1 and dropout_p in [0, 1); got "
                              f"num_blocks={num_blocks}, bottleneck_dim={bottleneck_dim}, dropout_p={dropout_p}")
         self.weight, self.num_blocks, self.bottleneck_dim = weight, num_blocks, bottleneck_dim
-        self.dropout_p = dropout_p
+        self.dropout_p, self.entropy_weight = dropout_p, entropy_weight
         self.afn = AdaptiveFeatureNorm(delta)
 
     def transform_model(self, model: Classifier) -> Classifier:
@@ -193,4 +196,8 @@ class AFNStrategy(Plugin):
         return model
 
     def loss(self, out: StepOutput) -> dict[str, Tensor]:
-        return {"norm_s": self.weight * self.afn(out.f_s), "norm_t": self.weight * self.afn(out.f_t)}
+        terms = {"norm_s": self.weight * self.afn(out.f_s), "norm_t": self.weight * self.afn(out.f_t)}
+        if self.entropy_weight:
+            p = out.logits_t.softmax(1, dtype=torch.promote_types(out.logits_t.dtype, torch.float32))
+            terms["entropy"] = self.entropy_weight * -(p * (p + 1e-5).log()).sum(1).mean()
+        return terms

@@ -55,8 +55,8 @@ def write_report(runs: list[Run], tables: list[Table], out: Path, pending: list[
         md += [f"## {table.title}", "", to_markdown(table), ""]
         seeds = sorted({c.n for c in table.cells.values() if c.n})
         md.append(f"Mean ± std over seeds (n = {'/'.join(map(str, seeds)) or '0'} per cell); best mean in bold.")
-        for source in sorted({ref.source for ref in table.refs.values()}):
-            md.append(f"ref: {source}.")
+        for caption in sorted({ref.caption() for ref in table.refs.values()}):
+            md.append(caption)
         md.append("")
         (out / f"{table.name}.csv").write_text(to_csv(table))
         (out / f"{table.name}.tex").write_text(to_latex(table))

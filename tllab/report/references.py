@@ -9,6 +9,11 @@ Each YAML file in ``tllab/report/references/`` holds a list of tables::
       values:                      # method -> task -> percent
         source only: {mnist→mnistm: 34.9}
 
+Optional keys: ``experiment`` (the preset whose runs the numbers belong to: the reference then
+applies only to tables of that preset's runs, so a MoCo table never gets the supervised numbers),
+``selection`` (how the source chose its checkpoint, printed under the table) and ``paper``
+(method -> the original paper's average over tasks, printed under the table).
+
 Method and task names are tllab's (:mod:`tllab.keys`), so a reference lands beside the cell of
 the same method and task; the report prints the reference and our delta (ours - reference).
 """
@@ -32,6 +37,16 @@ class Reference:
     setting: str
     metric: str
     values: dict[tuple[str, str], float]
+    experiment: str | None = None
+    selection: str | None = None
+    paper: dict[str, float] | None = None
+
+    def caption(self) -> str:
+        """The line printed under a table that uses this reference."""
+        text = f"ref: {self.source}" + (f"; selection: {self.selection}" if self.selection else "")
+        if self.paper:
+            text += "; original papers' average: " + ", ".join(f"{m} {v:.1f}" for m, v in self.paper.items())
+        return text + "."
 
 
 def load_references(paths: list[Path] | None = None) -> list[Reference]:
@@ -42,8 +57,10 @@ def load_references(paths: list[Path] | None = None) -> list[Reference]:
         try:
             for entry in yaml.safe_load(path.read_text()):
                 values = {(m, t): float(v) for m, row in entry["values"].items() for t, v in row.items()}
+                paper = {m: float(v) for m, v in entry["paper"].items()} if entry.get("paper") else None
                 refs.append(Reference(entry["source"], entry["dataset"], entry["setting"],
-                                      entry.get("metric", "target_test/acc"), values))
+                                      entry.get("metric", "target_test/acc"), values, entry.get("experiment"),
+                                      entry.get("selection"), paper))
         except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError, ValueError) as e:
             raise SystemExit(f"tllab: error: {path} is not a reference file ({type(e).__name__}: {e}); "
                              "see tllab/report/references.py for the format.") from e

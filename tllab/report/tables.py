@@ -115,8 +115,10 @@ def build_tables(runs: list[Run], rules: list[SelectionRule], metric: str,
                     cell.incomplete += 1
                 else:
                     cell.values[run.keys["seed"]] = 100 * chosen[metric]
+            experiments = {run.keys.get("experiment") for run in group}
             for ref in references:
-                if ref.dataset == dataset and ref.setting == setting and ref.metric == metric:
+                if (ref.dataset == dataset and ref.setting == setting and ref.metric == metric
+                        and (ref.experiment is None or ref.experiment in experiments)):
                     table.refs.update({(m, t): ref for m, t in ref.values})
             tables.append(table)
     return tables
