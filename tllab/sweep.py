@@ -75,9 +75,11 @@ def expand_grid(grid: Sequence[Sequence[str]], rows: dict[str, Sequence[str]] | 
     ``distinct`` keys all hold the same value.
 
     Example:
+        >>> expand_grid([["seed=0", "optim.lr=0.1"]], {"erm": [], "afn": ["norm=afn", "optim.lr=0.01"]})
+        [['seed=0', 'optim.lr=0.1'], ['norm=afn', 'seed=0', 'optim.lr=0.1']]
         >>> expand_grid([["dataset.source=[A]", "dataset.target=[A]"], ["dataset.source=[A]", "dataset.target=[W]"]],
-        ...             {"source only": [], "afn": ["norm=afn", "optim.lr=0.01"]}, ["dataset.source", "dataset.target"])
-        [['dataset.source=[A]', 'dataset.target=[W]'], ['norm=afn', 'optim.lr=0.01', 'dataset.source=[A]', 'dataset.target=[W]']]
+        ...             distinct=["dataset.source", "dataset.target"])
+        [['dataset.source=[A]', 'dataset.target=[W]']]
     """
     jobs = []
     for job in grid:
