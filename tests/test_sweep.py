@@ -122,3 +122,20 @@ def test_parallel_and_submitit_launchers_run_the_same_jobs(tmp_path: Path, capsy
     assert all((job.dir / "done").exists() and job.dir.name == job.id for job in jobs)
     code, out = _launch(sweep_dir, capsys, *launcher, "seed=0,1")  # nothing left to run
     assert code == 0 and "2 jobs, 2 already done, 0 to run" in out
+
+
+@pytest.mark.slow
+def test_preset_rows_and_distinct_domains_make_the_table_grid(tmp_path: Path, capsys):
+    """2 domains give 2 ordered pairs (mnist->mnist left out), each run once per row, a row's recipe
+    applying to its own jobs only; a command-line value replaces a row's."""
+    code, out = _launch(tmp_path / "s", capsys, "experiment=rows_and_pairs", "trainer.max_steps=1", "optim.lr=0.5")
+    assert code == 0, out
+    jobs = load_jobs(tmp_path / "s")
+    own = sorted(sorted(o for o in j.overrides if o.startswith(("dataset.", "norm", "optim."))) for j in jobs)
+    assert own == sorted(sorted([*o, "optim.lr=0.5"]) for o in [
+        ["dataset.source=[mnist]", "dataset.target=[uci]"], ["dataset.source=[uci]", "dataset.target=[mnist]"],
+        ["norm=adabn", "dataset.source=[mnist]", "dataset.target=[uci]"],
+        ["norm=adabn", "dataset.source=[uci]", "dataset.target=[mnist]"]])
+    methods = {json.loads((j.dir / "summary.json").read_text())["method"] for j in jobs}
+    assert methods == {"source only", "adabn"}
+    assert {yaml.safe_load((j.dir / "config.yaml").read_text())["optim"]["lr"] for j in jobs} == {0.5}
