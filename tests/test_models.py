@@ -354,3 +354,22 @@ def test_classifier_state_dict_keys():
     model = Classifier(create_backbone("tllab", "digits_cnn"), 10)
     prefixes = {k.split(".")[0] for k in model.state_dict()}
     assert prefixes == {"backbone", "head"}
+
+
+def test_frozen_batchnorm_and_head_dropout_are_tllibs_dg_freeze_bn():
+    torch.manual_seed(0)
+    model = Classifier(create_backbone("torchvision", "resnet18"), 7, dropout=0.1, freeze_bn=True).train()
+    bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns) and model.head.training and model.dropout.training
+    before = bns[0].running_mean.clone()
+    logits, f = model(torch.randn(4, 3, 32, 32))
+    assert torch.equal(bns[0].running_mean, before)  # statistics used, never updated
+    logits.sum().backward()
+    assert bns[0].weight.grad is not None  # the affine parameters still train
+    # dropout before the head: in training some features are zeroed, in evaluation none
+    f = torch.ones(1000, 512)
+    assert (model.dropout(f) == 0).float().mean().item() == pytest.approx(0.1, abs=0.03)
+    assert torch.equal(model.eval().dropout(f), f)
+    assert all(not m.training for m in model.modules())
+    plain = Classifier(create_backbone("torchvision", "resnet18"), 7).train()
+    assert all(m.training for m in plain.modules()) and isinstance(plain.dropout, nn.Identity)

@@ -306,3 +306,38 @@ def test_load_head_continues_the_source_model_and_refuses_a_mismatch(pretrained,
     cfg, resolved = resolve_config(compose_config(["backbone.load_head=true"]))
     with pytest.raises(ConfigError, match="backbone.load_head=true needs backbone.pretrained"):
         Trainer(cfg, tmp_path / "c", resolved)
+
+
+def test_prefetching_the_next_batch_changes_no_number_and_resumes_exactly(train_run, tmp_path, monkeypatch):
+    """On CUDA the trainer fetches the next step's batches one step ahead; forced on here (CPU), a DA run
+    with a target loader, interrupted and resumed, gives the records of a plain run."""
+    overrides = ("trainer.deterministic=true", "trainer.max_steps=9", "trainer.eval_every=3", "optim=sgd",
+                 "norm=afn")
+    train_run(*overrides, run_dir=tmp_path / "plain")
+    original = Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.prefetch = True
+
+    monkeypatch.setattr(Trainer, "__init__", init)
+    fetched = []
+    fetch = Trainer._fetch
+    monkeypatch.setattr(Trainer, "_fetch", lambda self: fetched.append(self.step) or fetch(self))
+    interrupt_then_resume(lambda run_dir: train_run(*overrides, run_dir=run_dir), tmp_path / "ahead", monkeypatch)
+    # steps 1, 2 fetched ahead by steps 0, 1; none ahead of a checkpoint (after steps 3, 6, 9)
+    assert fetched[:3] == [0, 0, 1]
+
+    def metrics(run):
+        return [{k: v for k, v in r.items() if k != "time"} for r in records(tmp_path / run)]
+
+    assert metrics("plain") == metrics("ahead")
+
+
+def test_channels_last_on_cpu_gives_the_same_training(train_run, tmp_path):
+    a = train_run("trainer.max_steps=3", "backbone=resnet18", run_dir=tmp_path / "a")
+    b = train_run("trainer.max_steps=3", "backbone=resnet18", "trainer.channels_last=true", run_dir=tmp_path / "b")
+    assert b["final"]["target_test/acc"] == pytest.approx(a["final"]["target_test/acc"], abs=0.01)
+    assert b["final"]["train/loss"] == pytest.approx(a["final"]["train/loss"], rel=1e-2)  # other summation order
+    weights = torch.load(tmp_path / "b/checkpoints/last.pt", weights_only=True)["model"]["backbone.conv1.weight"]
+    assert weights.shape == (64, 3, 7, 7)  # checkpoints hold ordinary tensors either way

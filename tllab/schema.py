@@ -183,6 +183,8 @@ class TrainerConfig:
     precision: Precision = Precision.float32  # dtype of weights and inputs
     amp: bool = False
     amp_dtype: AmpDtype = AmpDtype.bfloat16
+    channels_last: bool | None = None  # NHWC weights and inputs (faster convolutions on GPUs); null: on CUDA
+    compile: bool = False  # torch.compile the backbone (first steps slower while it compiles)
     grad_clip: float | None = None  # max global gradient norm
     deterministic: bool = False
     resume: bool = False  # require a checkpoint in the run dir (resuming is automatic anyway)

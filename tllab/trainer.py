@@ -115,6 +115,9 @@ class Trainer:
             model = convert_sync_batchnorm(model)
         self.dtype = getattr(torch, Precision(tc.precision).value)
         self.model = model.to(self.device, self.dtype)
+        channels_last = tc.channels_last if tc.channels_last is not None else self.device.type == "cuda"
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
         broadcast_tensors(self.model.state_dict().values())  # every rank starts from rank 0's weights
         self.data: DataModule = build_data(cfg.dataset, cfg.seed)
         for plugin in self.plugins.values():
@@ -122,6 +125,8 @@ class Trainer:
         self.ctx = SetupContext(self.model, self.data, self.device, run_dir, resolved)
         for plugin in self.plugins.values():
             plugin.setup(self.ctx)
+        if tc.compile:  # in place: parameter names (and checkpoints) stay those of the eager model
+            self.model.backbone.compile()
 
         plugin_groups = [g for p in self.plugins.values() for g in p.param_groups(self.model, cfg.optim.lr)]
         claimed = {id(q) for g in plugin_groups for q in g["params"]}
@@ -142,6 +147,8 @@ class Trainer:
             self.device.type, enabled=tc.amp and amp_dtype == torch.float16 and self.device.type == "cuda")
 
         self.pin_memory = self.device.type == "cuda"
+        self.prefetch = self.device.type == "cuda"  # copy the next step's batch while this step computes
+        self._ahead: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None
         shard = {"num_workers": tc.num_workers, "rank": self.rank, "world": self.world, "pin_memory": self.pin_memory}
         self.source_loader = ForeverLoader(self.data.train, tc.batch_size, seed=2 * cfg.seed,
                                            balanced=cfg.dataset.sampler == "domain_balanced", **shard)
@@ -253,11 +260,26 @@ class Trainer:
         n = len(x_s)
         return logits[:n], f[:n], logits[n:], f[n:]
 
+    def _fetch(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """The next labelled (and unlabelled) batch on the device: asynchronous copies from pinned
+        memory on CUDA, in the weights' dtype and memory format."""
+        def put(x: Tensor) -> Tensor:
+            return x.to(self.device, non_blocking=True).to(self.dtype, memory_format=self.memory_format)
+
+        x_s, y_s, d_s = next(self.source_loader)
+        x_t = put(next(self.target_loader)[0]) if self.target_loader else None
+        return put(x_s), y_s.to(self.device, non_blocking=True), d_s.to(self.device, non_blocking=True), x_t
+
+    def _prefetch(self) -> None:
+        """Fetch the next step's batch while this step's kernels run (CUDA), except before a
+        checkpoint: the loaders' saved position must be that of the batches actually trained on."""
+        upcoming = self.step + 1
+        if self.prefetch and upcoming % self.eval_every and upcoming < self.total_steps:
+            self._ahead = self._fetch()
+
     def train_step(self) -> tuple[dict[str, Tensor], Tensor]:
         """One optimizer step; returns the named loss terms and the labelled-batch accuracy."""
-        x_s, y_s, d_s = (t.to(self.device, non_blocking=True) for t in next(self.source_loader))
-        x_s = x_s.to(self.dtype)
-        x_t = next(self.target_loader)[0].to(self.device, self.dtype) if self.target_loader else None
+        (x_s, y_s, d_s, x_t), self._ahead = self._ahead or self._fetch(), None
         # dataset.skip_bad_images: unreadable images are left out of their batch
         full = self.cfg.trainer.batch_size
         self.skipped += full - len(x_s) + (full - len(x_t) if x_t is not None else 0)
@@ -271,6 +293,7 @@ class Trainer:
             loss = sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        self._prefetch()  # before the first wait on the GPU below
         if self._average_gradients(bad_loss=not torch.isfinite(loss).item()):  # any rank
             values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
             last = self.ckpt_dir / "last.pt"
@@ -331,7 +354,8 @@ class Trainer:
             sums = torch.zeros(1 + 2 * k, dtype=torch.float64, device=self.device)
             for x, y, _ in eval_loader(dataset, tc.eval_batch_size, tc.num_workers, self.rank, self.world,
                                        self.pin_memory):
-                x, y = x.to(self.device, self.dtype), y.to(self.device)
+                x = x.to(self.device, non_blocking=True).to(self.dtype, memory_format=self.memory_format)
+                y = y.to(self.device, non_blocking=True)
                 with self.autocast():
                     logits, _ = model(x)
                 sums[0] += F.cross_entropy(_upcast(logits), y, reduction="sum").double()
