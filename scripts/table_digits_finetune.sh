@@ -7,7 +7,8 @@ ${TLLAB_BIN:-.venv/bin}/tllab-train experiment=digits_pretrain trainer.quiet=tru
     hydra.run.dir=outputs/pretrained/digits_mnist
 # Rows outside the grid join the same sweep dir (command-line values replace the grid's): scratch (random
 # init, no regularizer), fine-tuning the whole source model (its head too: the classes are the same), and
-# EfficientNet-Lite0 at 64 px from its ImageNet weights vs from scratch.
+# EfficientNet-Lite0 from its ImageNet weights: at 64 px with the backbone at 0.1x the lr (its 150 steps barely
+# move the backbone: a frozen-feature probe) and at 128 px with the backbone at the full lr, vs from scratch.
 sweep() {
     ${TLLAB_BIN:-.venv/bin}/tllab-sweep launch outputs/sweeps/table_digits_finetune experiment=table_digits_finetune \
         regularizer=none "$@" || echo "some jobs failed; the report lists them"
@@ -15,7 +16,9 @@ sweep() {
 sweep backbone.pretrained=null "$@"
 sweep backbone.load_head=true "label='fine-tune (source head)'" "$@"
 sweep backbone=efficientnet_lite0 backbone.pretrained=imagenet dataset.image_size=64 \
-    "label='efficientnet-lite0 imagenet'" "$@"
-sweep backbone=efficientnet_lite0 backbone.pretrained=null dataset.image_size=64 \
-    "label='efficientnet-lite0 scratch'" "$@"
+    "label='efficientnet-lite0 imagenet, 64 px, backbone lr x0.1'" "$@"
+sweep backbone=efficientnet_lite0 backbone.pretrained=imagenet dataset.image_size=128 optim.backbone_lr_mult=1.0 \
+    "label='efficientnet-lite0 imagenet, 128 px'" "$@"
+sweep backbone=efficientnet_lite0 backbone.pretrained=null dataset.image_size=128 optim.backbone_lr_mult=1.0 \
+    "label='efficientnet-lite0 scratch, 128 px'" "$@"
 exec scripts/table.sh table_digits_finetune last,target_val,oracle "$@"
