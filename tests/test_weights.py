@@ -92,6 +92,14 @@ def test_ibn_net_released_weights_load_into_tllab_ibn_resnets(torch_home, name):
         imagenet_backbone("tllab", name, weights="IMAGENET1K_V2")
 
 
+def test_weights_that_do_not_fit_the_built_layers_say_which_setting_to_drop(torch_home):
+    full = create_backbone("tllab", "resnet18_ibn_a")
+    full.fc = nn.Linear(512, 1000)
+    _plant(full, torch_home / IBN_FILES["resnet18_ibn_a"])
+    with pytest.raises(CheckpointError, match="weights of resnet18_ibn_a do not fit.*drop the backbone.kwargs"):
+        imagenet_backbone("tllab", "resnet18_ibn_a", ratio=0.25)
+
+
 def test_models_without_imagenet_weights_are_refused_by_name():
     with pytest.raises(ConfigError, match="no ImageNet weights for tllab model 'digits_cnn'"):
         create_backbone("tllab", "digits_cnn", pretrained="imagenet")

@@ -73,20 +73,24 @@ def imagenet_backbone(library: str, name: str, weights: str | None = None,
         return _timm(name, weights, **kwargs)
     from tllab.models import create_backbone  # the headless builders
 
-    if library == "torchvision":
-        url = _torchvision_url(name, weights or "IMAGENET1K_V1")
-    elif library == "tllab" and name in IBN_FILES:
-        if weights:
-            raise ConfigError(f"IBN-Net released one set of ImageNet weights for {name}; drop backbone.weights.")
-        url = IBN_URL + IBN_FILES[name]
-    else:
+    if not (library == "torchvision" or library == "tllab" and name in IBN_FILES):
         raise ConfigError(f"no ImageNet weights for {library} model {name!r}: use a torchvision ResNet, an IBN-ResNet "
                           "or a timm model, set backbone.pretrained to a checkpoint file, or backbone.pretrained=null.")
-    backbone = create_backbone(library, name, **kwargs)
+    backbone = create_backbone(library, name, **kwargs)  # checks the name
+    if library == "torchvision":
+        url = _torchvision_url(name, weights or "IMAGENET1K_V1")
+    elif weights:
+        raise ConfigError(f"IBN-Net released one set of ImageNet weights for {name}; drop backbone.weights.")
+    else:
+        url = IBN_URL + IBN_FILES[name]
     state = _cached_state(url, f"{name} {weights or ''}".strip())
     head = nn.Linear(*reversed(state["fc.weight"].shape))
     head.load_state_dict({"weight": state.pop("fc.weight"), "bias": state.pop("fc.bias")})
-    backbone.load_state_dict(state)
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as e:  # e.g. backbone.kwargs that change the architecture (an IBN ratio)
+        raise CheckpointError(f"the ImageNet weights of {name} do not fit this backbone ({str(e).splitlines()[1:2]}); "
+                              "drop the backbone.kwargs that change its layers.") from e
     return backbone, head
 
 
