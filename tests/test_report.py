@@ -121,6 +121,23 @@ def test_reference_numbers_sit_beside_matching_cells(runs_dir: Path, tmp_path: P
         load_references([bad])
 
 
+def test_references_of_a_preset_apply_to_its_runs_only_and_caption_their_protocol(runs_dir: Path, tmp_path: Path):
+    runs, _ = find_runs([runs_dir])
+    experiment = runs[0].keys["experiment"]
+    ref_file = tmp_path / "refs.yaml"
+    entry = ("- source: Paper X\n  dataset: digits\n  setting: da\n  experiment: {e}\n"
+             "  selection: best on the target test split\n  paper: {{source only: 25.0}}\n"
+             "  values:\n    source only: {{mnist→mnistm: 30.0}}\n")
+    ref_file.write_text(entry.format(e=experiment))
+    table = build_tables(runs, [SELECTION_RULES["last"]], "target_test/acc", load_references([ref_file]))[0]
+    assert ("source only", "mnist→mnistm") in table.refs
+    assert table.refs[("source only", "mnist→mnistm")].caption() == (
+        "ref: Paper X; selection: best on the target test split; original papers' average: source only 25.0.")
+    ref_file.write_text(entry.format(e="table_office31_da"))  # another preset's numbers
+    table = build_tables(runs, [SELECTION_RULES["last"]], "target_test/acc", load_references([ref_file]))[0]
+    assert not table.refs
+
+
 def test_builtin_references_load():
     refs = load_references()
     da = next(r for r in refs if r.dataset == "digits" and r.setting == "da")
