@@ -9,11 +9,14 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from timm.data import resolve_data_config
 from torch import nn
 from torchvision import models as tvm
 
 from tllab.errors import CheckpointError, ConfigError
 from tllab.models import create_backbone
+from tllab.models import verify
+from tllab.models.verify import PHOTOS, check_imagenet
 from tllab.models.weights import IBN_FILES, WeightsError, imagenet_backbone
 from tllab.regularizer.source import load_source_head
 
@@ -182,20 +185,28 @@ def test_moco_checkpoint_loads_its_query_encoder_without_the_projection(tmp_path
 # ------------------------------------------------------------------------------- weights, verified
 
 
-def test_efficientnet_lite0_weights_put_skimage_photos_in_their_classes_with_timms_preprocessing():
+def test_efficientnet_lite0_weights_put_skimage_photos_in_their_classes_with_timms_preprocessing(capsys):
     """The offline EfficientNet-Lite0 as tllab loads it, preprocessed as its pretrained config says
     (timm's resolve_data_config: 224 px, bicubic, crop 0.875, mean = std = 0.5)."""
-    from PIL import Image
-    from skimage import data
-    from timm.data import create_transform, resolve_data_config
-
-    backbone, head = imagenet_backbone("timm", "tf_efficientnet_lite0")
+    backbone, _ = imagenet_backbone("timm", "tf_efficientnet_lite0")
     config = resolve_data_config({}, model=backbone)
     assert config["input_size"] == (3, 224, 224) and config["mean"] == (0.5, 0.5, 0.5)
-    transform = create_transform(**config)
-    photos = torch.stack([transform(Image.fromarray(getattr(data, n)())) for n in ("chelsea", "coffee")])
-    with torch.no_grad():
-        top5 = head(backbone.eval()(photos)).topk(5).indices.tolist()
-    cats, coffee = set(range(281, 286)), {504, 967, 968}  # tabby..Egyptian cat; coffee mug, espresso, cup
-    assert cats & set(top5[0]) and top5[0][0] in cats
-    assert coffee & set(top5[1]) and top5[1][0] in coffee
+    top5 = check_imagenet("timm", "tf_efficientnet_lite0")
+    assert top5["chelsea"][0] in PHOTOS["chelsea"] and top5["coffee"][0] in PHOTOS["coffee"]
+    verify.main(["check", "timm", "tf_efficientnet_lite0"])
+    out = capsys.readouterr().out
+    assert "chelsea: ok: tiger cat (282), Egyptian cat (285)" in out and "coffee: ok: espresso (967)" in out
+
+
+def test_torchvision_weights_are_checked_with_torchvisions_preprocessing(torch_home, capsys):
+    """Random weights planted as ResNet-18's: loaded, but they do not know a cat; `where` names the file."""
+    _plant(tvm.resnet18(), torch_home / "resnet18-f37072fd.pth")
+    with pytest.raises(SystemExit, match="misclassify a photo"):
+        verify.main(["check", "torchvision", "resnet18"])
+    assert "chelsea: WRONG" in capsys.readouterr().out
+    verify.main(["where", "torchvision", "resnet50", "--weights", "IMAGENET1K_V2"])
+    assert f"{torch_home}/resnet50-11ad3fa6.pth (fetch: curl -L -o resnet50-11ad3fa6.pth" in capsys.readouterr().out
+    verify.main(["where", "tllab", "resnet50_ibn_b"])
+    assert "resnet50_ibn_b-9ca61e85.pth" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="tllab-weights: error: no ImageNet weights for tllab model 'digits_cnn'"):
+        verify.main(["check", "tllab", "digits_cnn"])
