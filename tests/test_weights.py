@@ -14,8 +14,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from tllab.errors import CheckpointError, ConfigError
-from tllab.models import create_backbone
-from tllab.models import verify
+from tllab.models import create_backbone, verify
 from tllab.models.verify import PHOTOS, check_imagenet
 from tllab.models.weights import IBN_FILES, WeightsError, imagenet_backbone
 from tllab.regularizer.source import load_source_head
