@@ -341,3 +341,13 @@ def test_channels_last_on_cpu_gives_the_same_training(train_run, tmp_path):
     assert b["final"]["train/loss"] == pytest.approx(a["final"]["train/loss"], rel=1e-2)  # other summation order
     weights = torch.load(tmp_path / "b/checkpoints/last.pt", weights_only=True)["model"]["backbone.conv1.weight"]
     assert weights.shape == (64, 3, 7, 7)  # checkpoints hold ordinary tensors either way
+
+
+@pytest.mark.slow
+def test_compiled_backbone_trains_like_the_eager_one_and_keeps_checkpoint_names(train_run, tmp_path):
+    eager = train_run("trainer.max_steps=3", run_dir=tmp_path / "eager")
+    compiled = train_run("trainer.max_steps=3", "trainer.compile=true", run_dir=tmp_path / "compiled")
+    assert compiled["final"]["train/loss"] == pytest.approx(eager["final"]["train/loss"], rel=1e-3)
+    assert compiled["final"]["target_test/acc"] == pytest.approx(eager["final"]["target_test/acc"], abs=0.01)
+    a, b = (torch.load(tmp_path / d / "checkpoints/last.pt", weights_only=True)["model"] for d in ("eager", "compiled"))
+    assert list(a) == list(b)  # no _orig_mod. prefix: eager and compiled checkpoints are interchangeable
