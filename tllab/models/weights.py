@@ -77,13 +77,7 @@ def imagenet_backbone(library: str, name: str, weights: str | None = None,
         raise ConfigError(f"no ImageNet weights for {library} model {name!r}: use a torchvision ResNet, an IBN-ResNet "
                           "or a timm model, set backbone.pretrained to a checkpoint file, or backbone.pretrained=null.")
     backbone = create_backbone(library, name, **kwargs)  # checks the name
-    if library == "torchvision":
-        url = _torchvision_url(name, weights or "IMAGENET1K_V1")
-    elif weights:
-        raise ConfigError(f"IBN-Net released one set of ImageNet weights for {name}; drop backbone.weights.")
-    else:
-        url = IBN_URL + IBN_FILES[name]
-    state = _cached_state(url, f"{name} {weights or ''}".strip())
+    state = _cached_state(hub_url(library, name, weights), f"{name} {weights or ''}".strip())
     head = nn.Linear(*reversed(state["fc.weight"].shape))
     head.load_state_dict({"weight": state.pop("fc.weight"), "bias": state.pop("fc.bias")})
     try:
@@ -94,21 +88,47 @@ def imagenet_backbone(library: str, name: str, weights: str | None = None,
     return backbone, head
 
 
-def _torchvision_url(name: str, weights: str) -> str:
+def hub_url(library: str, name: str, weights: str | None = None) -> str:
+    """The URL of a torchvision ResNet's (``weights`` default ``IMAGENET1K_V1``) or an IBN-ResNet's
+    ImageNet weights; :func:`hub_file` is where torch keeps them."""
+    if library == "tllab":
+        if weights:
+            raise ConfigError(f"IBN-Net released one set of ImageNet weights for {name}; drop backbone.weights.")
+        return IBN_URL + IBN_FILES[name]
     from torchvision import models as tvm
 
     try:
-        return tvm.get_model_weights(name)[weights].url
+        return tvm.get_model_weights(name)[weights or "IMAGENET1K_V1"].url
     except KeyError:
         names = [w for w in tvm.get_model_weights(name).__members__ if w != "DEFAULT"]
         raise ConfigError(f"torchvision has no weights {weights!r} for {name}; set backbone.weights to one of "
                           f"{names}.") from None
 
 
+def hub_file(url: str) -> Path:
+    """Where torch's hub cache keeps the file at ``url``: ``$TORCH_HOME/hub/checkpoints/<name>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
+def timm_cache_hint(full: str) -> str:
+    """Where timm keeps the weights ``full`` (``resnet50.a1_in1k``) and how to fetch them."""
+    from huggingface_hub import constants
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(full)
+    fetch = f"python -c \"import timm; timm.create_model('{full}', pretrained=True)\""
+    if cfg.hf_hub_id:
+        folder = f"models--{cfg.hf_hub_id.replace('/', '--')}"
+        return (f"{cfg.hf_hub_id} (model.safetensors) in the Hugging Face cache {constants.HF_HUB_CACHE}/{folder}; "
+                f"fetch it on a machine with internet with `{fetch}` and copy {folder} into the same cache here "
+                "(with HF_HUB_OFFLINE=1 timm then never touches the network)")
+    return f"{hub_file(cfg.url)}; fetch it with `curl -L -o {hub_file(cfg.url).name} {cfg.url}`"
+
+
 def _cached_state(url: str, what: str) -> dict[str, Tensor]:
     """The state dict at ``url`` from torch's hub cache, downloaded there if missing."""
-    cache = Path(torch.hub.get_dir()) / "checkpoints"
-    file = cache / Path(urlparse(url).path).name
+    file = hub_file(url)
+    cache = file.parent
     try:
         return torch.hub.load_state_dict_from_url(url, str(cache), map_location="cpu", progress=False,
                                                   check_hash=True, weights_only=True)
@@ -150,18 +170,9 @@ def _timm(name: str, tag: str | None, **kwargs) -> tuple[nn.Module, nn.Module]:
 
 
 def _timm_missing(full: str, error: Exception) -> WeightsError:
-    from huggingface_hub import constants
-    from timm.models import get_pretrained_cfg
-
-    repo = get_pretrained_cfg(full).hf_hub_id
-    where = (f"{repo} (model.safetensors) is not in the Hugging Face cache {constants.HF_HUB_CACHE}" if repo else
-             f"its file is not in {Path(torch.hub.get_dir()) / 'checkpoints'}")
-    folder = f" models--{repo.replace('/', '--')}" if repo else ""
-    return WeightsError(
-        f"ImageNet weights for timm {full}: {where} and cannot be downloaded ({str(error).splitlines()[0][:160]}). "
-        f"On a machine with internet run `python -c \"import timm; timm.create_model('{full}', pretrained=True)\"` "
-        f"and copy its cache folder{folder} into the same cache here (with HF_HUB_OFFLINE=1 timm then never "
-        "touches the network), or set backbone.pretrained=<file>.")
+    return WeightsError(f"ImageNet weights for timm {full} are not cached and cannot be downloaded "
+                        f"({str(error).splitlines()[0][:160]}): expected {timm_cache_hint(full)}; or set "
+                        "backbone.pretrained=<file>.")
 
 
 def load_efficientnet_lite0_imagenet(model: nn.Module) -> None:
