@@ -1,11 +1,50 @@
-"""Atomic file writes: results and checkpoints are never left half-written."""
+"""Atomic file writes and crash-tolerant JSON lines: results and checkpoints are never left
+half-written, and a record cut short by a kill or a full disk is dropped, never fatal."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from tllab.errors import TllabError
+
+log = logging.getLogger("tllab")
+
+
+class WriteError(TllabError, OSError):
+    """A file could not be written (no space left, over the file-size limit...)."""
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file. A last line cut short by a kill or a full disk (no
+    newline, not valid JSON) is left out with a warning; a bad line elsewhere is an error.
+
+    Raises:
+        TllabError: a damaged line other than the last one.
+    """
+    if not path.exists():
+        return []
+    text = path.read_text()
+    lines = text.splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1 and not text.endswith("\n"):
+                log.warning("%s: left out its last record, cut short by an interrupted write: %r", path, line[:80])
+                break
+            raise TllabError(f"{path} line {i + 1} is not JSON ({e}); the file was edited or damaged: delete that "
+                             "line (or the run dir to start over).") from e
+    return records
 
 
 @contextlib.contextmanager
@@ -18,10 +57,28 @@ def atomic_write(path: Path) -> Iterator[Path]:
         ...     _ = tmp.write_text("{}")
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a write that was killed
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        raise write_error(path, e, "the previous version of the file is intact") from e
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def write_error(path: Path, error: BaseException, kept: str) -> WriteError:
+    """One line for a failed write of ``path``: the cause (no space left, file too large) and what
+    was kept."""
+    code = getattr(error, "errno", None)
+    if code == errno.ENOSPC or "No space left" in str(error):
+        cause = "no space left on the device: free some space"
+    elif code == errno.EFBIG or "File too large" in str(error):
+        cause = "the file is over the file-size limit (ulimit -f)"
+    else:
+        cause = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return WriteError(f"could not write {path} ({cause}); {kept}.")

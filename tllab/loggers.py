@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tllab.io import atomic_write
+from tllab.io import atomic_write, read_jsonl, write_error
 from tllab.schema import LoggerConfig, WandbMode
 
 
@@ -21,22 +21,26 @@ class ResultsFile:
         self.path = run_dir / name
 
     def truncate_after(self, step: int) -> None:
+        """Keep the records up to ``step`` (0: none, a run that never checkpointed), dropping a
+        last record cut short by a kill (:func:`tllab.io.read_jsonl`)."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        keep = [r for r in read_jsonl(self.path) if r["step"] <= step]
+        with atomic_write(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
     def append(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise write_error(self.path, e, "the records before this one and the last checkpoint are intact; "
+                                            "a cut-short record is dropped when the run resumes") from e
 
     def records(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.path)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -210,6 +210,9 @@ class Trainer:
             if self.cfg.trainer.resume:
                 raise CheckpointError(f"trainer.resume=true but {path} does not exist; pass the run dir to resume "
                                       "as hydra.run.dir=<run dir>, or drop trainer.resume.")
+            if self.main:  # records of a start killed before its first checkpoint are written again
+                self.results.truncate_after(0)
+                self.per_class.truncate_after(0)
             return
         state = load_checkpoint(path)
         try:
@@ -242,10 +245,12 @@ class Trainer:
         state = self._state()  # collective (gathers every rank's RNG state)
         if not self.main:
             return
-        save_atomic(state, self.ckpt_dir / "last.pt")
+        # best.pt first: a kill between the two writes resumes from the previous last.pt, which
+        # redoes these steps and writes both again, so summary.json and best.pt always agree
         if self.best.get("step") == self.step:
             save_atomic({**self._weights(), "step": self.step, "metrics": metrics, "keys": self.keys},
                         self.ckpt_dir / "best.pt")
+        save_atomic(state, self.ckpt_dir / "last.pt")
 
     # ---------------------------------------------------------------- steps
     def forward(self, x_s: Tensor, x_t: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:

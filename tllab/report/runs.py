@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from tllab.io import read_jsonl
 from tllab.keys import group_keys
 from tllab.launch import RESUMABLE_KEYS, flatten
 from tllab.schema import TrainConfig
@@ -41,9 +42,7 @@ def load_run(run_dir: Path) -> Run:
     raw = OmegaConf.load(path)
     typed: TrainConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), raw))
     config = flatten(OmegaConf.to_container(raw, resolve=True))
-    results = run_dir / "results.jsonl"
-    records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] \
-        if results.exists() else []
+    records = read_jsonl(run_dir / "results.jsonl")  # a record cut short by a kill is left out, with a warning
     error_file = run_dir / "error.txt"
     if (run_dir / "done").exists():
         state, error = "done", ""
