@@ -120,3 +120,24 @@ def test_a_kill_during_the_last_checkpoint_writes_leaves_best_pt_and_the_summary
     best = torch.load(tmp_path / "run/checkpoints/best.pt", weights_only=True)
     assert best["step"] == summary["best"]["step"]
     assert best["metrics"] == summary["best"]["metrics"]
+
+
+class _RunsCode:
+    """A pickled object whose loading would run code."""
+
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_advising_to_unpickle_it(tmp_path, capsys):
+    from tllab.checkpoint import load_checkpoint
+    from tllab.errors import CheckpointError
+
+    path = tmp_path / "last.pt"
+    torch.save({"model": {}, "payload": _RunsCode()}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert "holds Python objects besides tensors, which tllab does not unpickle" in message
+    assert "weights_only" not in message and "will likely succeed" not in message and "\n" not in message
+    assert "this ran" not in capsys.readouterr().out

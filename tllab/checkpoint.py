@@ -31,6 +31,8 @@ def load_checkpoint(path: Path, fix: str = RESUME_FIX) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in reason:  # never pass on torch's advice to unpickle an unknown file
+            reason = "it holds Python objects besides tensors, which tllab does not unpickle: such a file can run code"
         raise CheckpointError(f"cannot read checkpoint {str(path)!r} ({reason}). {fix}") from e
 
 
