@@ -265,15 +265,16 @@ class Trainer:
         n = len(x_s)
         return logits[:n], f[:n], logits[n:], f[n:]
 
-    def _fetch(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """The next labelled (and unlabelled) batch on the device: asynchronous copies from pinned
-        memory on CUDA, in the weights' dtype and memory format."""
-        def put(x: Tensor) -> Tensor:
-            return x.to(self.device, non_blocking=True).to(self.dtype, memory_format=self.memory_format)
+    def _images(self, x: Tensor) -> Tensor:
+        """Images on the device (an asynchronous copy from pinned memory on CUDA), in the weights'
+        dtype and memory format."""
+        return x.to(self.device, non_blocking=True).to(self.dtype, memory_format=self.memory_format)
 
+    def _fetch(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """The next labelled (and unlabelled) batch on the device."""
         x_s, y_s, d_s = next(self.source_loader)
-        x_t = put(next(self.target_loader)[0]) if self.target_loader else None
-        return put(x_s), y_s.to(self.device, non_blocking=True), d_s.to(self.device, non_blocking=True), x_t
+        x_t = self._images(next(self.target_loader)[0]) if self.target_loader else None
+        return self._images(x_s), y_s.to(self.device, non_blocking=True), d_s.to(self.device, non_blocking=True), x_t
 
     def _prefetch(self) -> None:
         """Fetch the next step's batch while this step's kernels run (CUDA), except before a
@@ -359,8 +360,7 @@ class Trainer:
             sums = torch.zeros(1 + 2 * k, dtype=torch.float64, device=self.device)
             for x, y, _ in eval_loader(dataset, tc.eval_batch_size, tc.num_workers, self.rank, self.world,
                                        self.pin_memory):
-                x = x.to(self.device, non_blocking=True).to(self.dtype, memory_format=self.memory_format)
-                y = y.to(self.device, non_blocking=True)
+                x, y = self._images(x), y.to(self.device, non_blocking=True)
                 with self.autocast():
                     logits, _ = model(x)
                 sums[0] += F.cross_entropy(_upcast(logits), y, reduction="sum").double()
