@@ -181,3 +181,74 @@ def test_table_presets_hold_their_grid_and_sweep_dir(preset, grid):
     assert dict(hydra_cfg.sweeper.params) == grid
     assert hydra_cfg.sweeper._target_.endswith("TllabSweeper")
     assert hydra_cfg.sweep.dir == f"outputs/sweeps/{preset}"
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (["seed=-1"], r"seed=-1 is invalid: it must be in \[0, 2\*\*32\)"),
+    (["dataset.data_seed=-1"], r"dataset.data_seed=-1 is invalid"),
+    (["optim.momentum=-1"], r"optim.momentum=-1.0 is invalid: it must be in \[0, 1\)"),
+    (["optim.betas=[0.9]"], r"optim.betas=\[0.9\] is invalid: it must be \[beta1, beta2\] in \[0, 1\)"),
+    (["optim.betas=[1.5,0.999]"], r"optim.betas=\[1.5, 0.999\] is invalid"),
+    (["dataset.mean=[0.5]"], r"dataset.mean=\[0.5\] is invalid: it must be one value per RGB channel"),
+    (["dataset.std=[0.5,0.5,0]"], r"dataset.std=\[0.5, 0.5, 0.0\] is invalid"),
+    (["trainer=ddp", "trainer.devices=0"], r"trainer.devices=0 is invalid: it must be >= 1"),
+    (["+trainer.max_stpes=5"], r"trainer.max_stpes is not a config key \(did you mean trainer.max_steps\?\)"),
+    (["+foo=1"], r"foo is not a config key \(top level keys: experiment, label, seed"),
+])
+def test_bad_values_are_refused_in_one_line_before_anything_runs(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve_config(compose_config(overrides))
+
+
+def test_more_cpu_processes_than_cores_are_refused_unless_forced(tmp_path, monkeypatch):
+    from tllab import launch
+    from tllab.train import run
+
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(launch.mp, "spawn", lambda *a, **k: pytest.fail("spawned"))
+    with pytest.raises(ConfigError, match=r"trainer.devices=64 would start 64 CPU processes on 2 cores; lower "
+                                          r"trainer.devices \(at most 2\) or set trainer.oversubscribe=true"):
+        run(compose_config(["trainer=ddp", "trainer.devices=64", "trainer.device=cpu"]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(pytest.fail.Exception, match="spawned"):
+        run(compose_config(["trainer=ddp", "trainer.devices=64", "trainer.device=cpu", "trainer.oversubscribe=true"]),
+            tmp_path / "forced")
+
+
+def test_an_unknown_backbone_argument_is_one_line():
+    with pytest.raises(ConfigError, match=r"backbone.kwargs.foo is not an argument of the tllab model 'digits_cnn'"):
+        resolve_and_build(["+backbone.kwargs.foo=1"])
+
+
+def resolve_and_build(overrides: list[str]) -> torch.nn.Module:
+    from tllab.trainer import build_model
+
+    cfg, _ = resolve_config(compose_config(overrides))
+    return build_model(cfg, [])
+
+
+def test_a_list_of_options_with_an_unknown_one_names_the_available_options():
+    from tllab.train import check_group_lists
+
+    with pytest.raises(ConfigError, match=r"norm=\[adabn,foonorm\]: 'foonorm' is not an option of norm; available: "
+                                          r"adabn, afn, bin, .*stochnorm"):
+        check_group_lists(["norm=[adabn,foonorm]", "seed=1"])
+    check_group_lists(["norm=[adabn,mixstyle]", "regularizer=[l2sp,bss]", "seed=1"])
+    check_group_lists([f"hydra.searchpath=[file://{Path(__file__).parent / 'configs'}]", "norm=[recorder]"])
+
+
+def test_choices_print_as_their_value_in_messages():
+    from tllab.schema import Library
+
+    assert f"{Library.tllab}" == str(Library.tllab) == "tllab" and f"{Library.timm:>6}" == "  timm"
+
+
+@pytest.mark.parametrize("norm", ["bin", "domainnorm"])
+def test_a_feature_map_too_small_for_the_norm_is_refused_before_any_data_is_loaded(tmp_path, monkeypatch, norm):
+    from tllab import trainer
+    from tllab.train import run
+
+    monkeypatch.setattr(trainer, "build_data", lambda *a: pytest.fail("data loaded"))
+    with pytest.raises(ConfigError, match=rf"backbone=resnet18 with norm={norm} cannot take 32x32 images \(.*one "
+                                          r".*position.*\); set a larger dataset.image_size"):
+        run(compose_config(["backbone=resnet18", f"norm={norm}"]), tmp_path / "run")

@@ -136,3 +136,36 @@ def test_domain_balanced_batches_per_rank():
     assert resumed == shards[1][7:10]
     with pytest.raises(ConfigError, match="multiple of the number of domains"):
         DomainBalancedBatchSampler(domains, 4, seed=0)
+
+
+class _ParentPids(torch.utils.data.Dataset):
+    """Each sample is the pid of its worker's parent, and loading it logs a warning."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        import logging
+        import os
+
+        logging.getLogger("tllab.data.files").warning("sample %d loaded in a worker", i)
+        return torch.tensor(os.getppid())
+
+
+def test_loader_workers_are_not_forked_from_the_training_process_and_log_like_it(tmp_path):
+    """A fork of a process running threads (gloo's under DDP) can hang on a lock one of them held."""
+    import logging
+    import os
+
+    from tllab.data.loaders import eval_loader
+
+    handler = logging.FileHandler(tmp_path / "train.log")
+    logging.getLogger().addHandler(handler)
+    try:
+        parents = torch.cat(list(eval_loader(_ParentPids(), batch_size=2, num_workers=2)))
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    assert len(parents) == 4 and os.getpid() not in parents.tolist()  # started by the fork server
+    log = (tmp_path / "train.log").read_text()
+    assert all(f"sample {i} loaded in a worker" in log for i in range(4))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from tllab.trainer import Trainer
 
 COMMON = ["optim=sgd", "trainer.max_steps=12", "trainer.eval_every=6", "trainer.quiet=true", "seed=3",
           "trainer.precision=float64"]  # float64: equal up to rounding, not up to float32 noise
-RUN_FILES = {".hydra", "checkpoints", "config.yaml", "done", "results.jsonl", "per_class.jsonl", "summary.json",
+RUN_FILES = {".hydra", ".lock", "checkpoints", "config.yaml", "done", "results.jsonl", "per_class.jsonl", "summary.json",
              "train.log"}
 
 
@@ -118,6 +119,26 @@ def test_torchrun_launch_shares_one_run_dir_and_resumes_exactly(tmp_path):
         assert torch.equal(wa[key], wb[key]), key
     assert [{k: v for k, v in r.items() if k != "time"} for r in records(run_a)] == \
         [{k: v for k, v in r.items() if k != "time"} for r in records(run_b)]
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_one_line_naming_its_rank_and_the_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = cli(tmp_path, "trainer=ddp", "trainer.devices=2", "trainer.max_steps=100000", "trainer.eval_every=2",
+               "trainer.quiet=true", f"hydra.run.dir={run_dir}")
+    deadline = time.time() + 200
+    while not (run_dir / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    workers = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(workers) == 2
+    os.kill(int(workers[1]), signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert re.fullmatch(rf"tllab: error: data-parallel worker rank [01] \(pid {workers[1]}\) was killed by SIGKILL, so "
+                        rf"every rank stopped; its last checkpoint is {run_dir}/checkpoints/last.pt: rerun the same "
+                        r"command to resume.", err.strip().splitlines()[-1]), err
+    assert "Traceback" not in err and "leaked" not in err, err
 
 
 @pytest.mark.slow

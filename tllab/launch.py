@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ log = logging.getLogger("tllab")
 
 # Keys that may change when a run is resumed: they do not affect its results.
 RESUMABLE_KEYS = ("trainer.quiet", "trainer.resume", "trainer.num_workers", "trainer.eval_batch_size",
-                  "trainer.device", "logger.")
+                  "trainer.device", "trainer.oversubscribe", "logger.")
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
@@ -138,6 +139,18 @@ def _ddp_worker(rank: int, world: int, init_method: str, resolved: dict[str, Any
         dist.destroy_process_group()
 
 
+def _start_quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (shared by the workers) without its warning about
+    the semaphores of a killed worker: it removes them, which is all that is needed, and the user
+    gets one line about the kill instead of "There appear to be N leaked semaphore objects"."""
+    quiet = "ignore:resource_tracker:UserWarning"
+    sys.warnoptions.append(quiet)  # the tracker is a new interpreter started with this process's -W flags
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        sys.warnoptions.remove(quiet)
+
+
 def spawn_ddp(cfg: TrainConfig, resolved: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Train with ``cfg.trainer.devices`` spawned data-parallel workers; return rank 0's summary.
     A user error in any worker is raised here as the same :class:`TllabError`."""
@@ -145,16 +158,28 @@ def spawn_ddp(cfg: TrainConfig, resolved: dict[str, Any], run_dir: Path) -> dict
     if _uses_cuda(cfg) and devices > torch.cuda.device_count():
         raise ConfigError(f"trainer.devices={devices} but {torch.cuda.device_count()} GPU(s) are visible; lower "
                           "trainer.devices or set trainer.device=cpu.")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not _uses_cuda(cfg) and devices > cores and not cfg.trainer.oversubscribe:
+        raise ConfigError(f"trainer.devices={devices} would start {devices} CPU processes on {cores} cores; lower "
+                          f"trainer.devices (at most {cores}) or set trainer.oversubscribe=true.")
     claim_run_dir(run_dir, resolved)
     done = finished_summary(run_dir)
     if done is not None:
         return done
     scratch = Path(tempfile.mkdtemp(prefix="tllab-ddp-"))  # rendezvous file and errors, outside the run dir
+    _start_quiet_resource_tracker()
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # "Terminating process ..." after a kill
     try:
         mp.spawn(_ddp_worker, nprocs=devices, join=True,
                  args=(devices, f"file://{scratch / 'rendezvous'}", resolved, str(run_dir), str(scratch)))
-    except (mp.ProcessRaisedException, mp.ProcessExitedException):
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
         reports = sorted(scratch.glob("rank*.json"))
+        if not reports and isinstance(e, mp.ProcessExitedException):  # killed (OOM killer, kill -9) or exited
+            how = f"was killed by {e.signal_name}" if e.signal_name else f"exited with status {e.exit_code}"
+            last = run_dir / "checkpoints" / "last.pt"
+            raise TllabError(f"data-parallel worker rank {e.error_index} (pid {e.error_pid}) {how}, so every rank "
+                             f"stopped; {'its last checkpoint is ' + str(last) if last.exists() else 'no checkpoint was written yet'}: "
+                             "rerun the same command to resume.") from None
         if not reports:
             raise
         report = json.loads(reports[0].read_text())

@@ -12,63 +12,75 @@ against the method's constructor in :func:`tllab.plugin.build_plugins`, also bef
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from tllab.errors import ConfigError
 
 
-class Library(str, Enum):
+class Choice(str, Enum):
+    """A config choice; prints as its value (``tllab``, not ``Library.tllab``) in messages."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Library(Choice):
     tllab = "tllab"
     torchvision = "torchvision"
     timm = "timm"
 
 
-class Setting(str, Enum):
+class Setting(Choice):
     da = "da"  # labelled source(s) + unlabelled target train split
     dg = "dg"  # labelled sources; the target is never seen in training
     finetune = "finetune"  # labelled subset of the target train split
 
 
-class SamplerName(str, Enum):
+class SamplerName(Choice):
     random = "random"  # shuffled batches from the union of the training domains
     domain_balanced = "domain_balanced"  # every (per-rank) batch: the same number from each domain
 
 
-class OptimName(str, Enum):
+class OptimName(Choice):
     sgd = "sgd"
     adam = "adam"
     adamw = "adamw"
 
 
-class SchedulerName(str, Enum):
+class SchedulerName(Choice):
     none = "none"
     step = "step"
     cosine = "cosine"
     inv = "inv"  # tllib's inverse decay: lr * (1 + gamma * step) ** -power
 
 
-class Precision(str, Enum):
+class Precision(Choice):
     float32 = "float32"
     float64 = "float64"  # for exact numerical comparisons (slow)
 
 
-class AmpDtype(str, Enum):
+class AmpDtype(Choice):
     bfloat16 = "bfloat16"
     float16 = "float16"
 
 
-class Strategy(str, Enum):
+class Strategy(Choice):
     single = "single"  # one process
     ddp = "ddp"  # data parallel: one process per device, gradients averaged, optional SyncBN
 
 
-class WandbMode(str, Enum):
+class WandbMode(Choice):
     offline = "offline"
     online = "online"
     disabled = "disabled"
@@ -90,7 +102,7 @@ class BackboneConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-class TransformName(str, Enum):
+class TransformName(Choice):
     tllib = "tllib"  # train: Resize(R, R) -> RandomResizedCrop(S) -> HFlip (-> ColorJitter); eval: Resize -> CenterCrop
     resize = "resize"  # train and eval: resize to (S, S) only, as the embedded digits (no augmentation)
 
@@ -172,6 +184,7 @@ class OptimConfig:
 class TrainerConfig:
     strategy: Strategy = Strategy.single
     devices: int = 1  # ddp: processes started on this machine (ignored under torchrun/SLURM)
+    oversubscribe: bool = False  # ddp on CPU: allow more processes than this machine has cores
     sync_bn: bool = False  # ddp: synchronize BatchNorm statistics over all ranks
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (ddp: cuda uses the rank's local GPU)
     epochs: int = 3
@@ -231,10 +244,33 @@ def register_configs() -> None:
                                     replace=True)
 
 
+def check_known_keys(cfg: DictConfig, prefix: str = "") -> None:
+    """Refuse keys the schema does not have. Hydra adds any key given with ``+`` (``+trainer.max_stpes=5``)
+    even to a typed node; only the free-form nodes (``norm``, ``regularizer``, ``backbone.kwargs``:
+    checked by their plug-in or model builder) take new keys.
+
+    Raises:
+        ConfigError: naming the unknown key and the closest known one.
+    """
+    typed = OmegaConf.get_type(cfg) not in (dict, None)
+    known = [f.name for f in dataclasses.fields(OmegaConf.get_type(cfg))] if typed else []
+    for key in cfg:
+        if typed and key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" ({prefix or 'top level'} keys: {', '.join(known)})"
+            raise ConfigError(f"{prefix}{key} is not a config key{hint}; remove it from the command line (a key added "
+                              "with + must still be one the schema knows, see tllab/schema.py).")
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_none():
+            check_known_keys(node, f"{prefix}{key}.")
+
+
 def validate_config(cfg: TrainConfig) -> None:
     """Range checks the types cannot express; raises :class:`ConfigError` naming the key."""
     t, o, d = cfg.trainer, cfg.optim, cfg.dataset
     checks = [
+        ("seed", cfg.seed, 0 <= cfg.seed < 2**32, "in [0, 2**32)"),
+        ("dataset.data_seed", d.data_seed, 0 <= d.data_seed < 2**32, "in [0, 2**32)"),
         ("trainer.epochs", t.epochs, t.epochs >= 1, ">= 1"),
         ("trainer.batch_size", t.batch_size, t.batch_size >= 1, ">= 1"),
         ("trainer.eval_batch_size", t.eval_batch_size, t.eval_batch_size >= 1, ">= 1"),
@@ -246,6 +282,8 @@ def validate_config(cfg: TrainConfig) -> None:
         ("trainer.num_workers", t.num_workers, t.num_workers is None or t.num_workers >= 0, ">= 0 or null"),
         ("trainer.devices", t.devices, t.devices >= 1, ">= 1"),
         ("optim.lr", o.lr, o.lr > 0, "> 0"),
+        ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
+        ("optim.betas", o.betas, len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "[beta1, beta2] in [0, 1)"),
         ("optim.backbone_lr_mult", o.backbone_lr_mult, o.backbone_lr_mult >= 0, ">= 0"),
         ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
         ("optim.scheduler.warmup_steps", o.scheduler.warmup_steps, o.scheduler.warmup_steps >= 0, ">= 0"),
@@ -256,6 +294,8 @@ def validate_config(cfg: TrainConfig) -> None:
         ("dataset.crop_scale", d.crop_scale, len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
          "[min, max] with 0 < min <= max <= 1"),
         ("dataset.label_offset", d.label_offset, d.label_offset >= 0, ">= 0"),
+        ("dataset.mean", d.mean, len(d.mean) == 3, "one value per RGB channel ([r, g, b])"),
+        ("dataset.std", d.std, len(d.std) == 3 and all(v > 0 for v in d.std), "one value > 0 per RGB channel"),
         ("backbone.dropout", cfg.backbone.dropout, 0 <= cfg.backbone.dropout < 1, "in [0, 1)"),
         ("backbone.bottleneck_dim", cfg.backbone.bottleneck_dim,
          cfg.backbone.bottleneck_dim is None or cfg.backbone.bottleneck_dim >= 1, ">= 1 or null"),

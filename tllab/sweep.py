@@ -13,6 +13,8 @@ A sweep is a Hydra multirun (``tllab-train -m ...``) run by tllab's sweeper
   ``<sweep dir>/<id>``;
 - a job whose dir holds a ``done`` marker is skipped when the sweep is launched again; a started
   one resumes from its checkpoint; a failed one is run again;
+- a job is trained by one process at a time (:mod:`tllab.lock`): a launcher skips the jobs that
+  another live launcher trains, so several launchers (or a SLURM array) can share a sweep dir;
 - a failing job never stops the others: at the end the sweep lists every failure with its error
   (from the job's ``error.txt``) and exits with status 1;
 - ``<sweep dir>/sweep.json`` lists every job ever planned in the sweep, so ``status`` also
@@ -41,11 +43,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tllab import lock
 from tllab.launch import RESUMABLE_KEYS
 from tllab.loggers import write_json_atomic
 
 MANIFEST = "sweep.json"
-STATES = ("done", "failed", "incomplete", "pending")
+STATES = ("done", "running", "failed", "incomplete", "pending")
 
 
 def canonical_overrides(overrides: Sequence[str]) -> list[str]:
@@ -112,10 +115,13 @@ class Job:
 
     @property
     def state(self) -> str:
-        """``done`` (``done`` marker), ``failed`` (``error.txt``), ``incomplete`` (started, or
-        running now) or ``pending`` (never started)."""
+        """``done`` (``done`` marker), ``running`` (a live process holds its lock, see
+        :mod:`tllab.lock`), ``failed`` (``error.txt``), ``incomplete`` (started, not running now)
+        or ``pending`` (never started)."""
         if (self.dir / "done").exists():
             return "done"
+        if lock.owner(self.dir):
+            return "running"
         if (self.dir / "error.txt").exists():
             return "failed"
         return "incomplete" if self.dir.exists() else "pending"
@@ -163,15 +169,22 @@ def format_jobs(jobs: Sequence[Job], states: Sequence[str] = ("failed", "incompl
     shared = set.intersection(*(set(job.overrides) for job in jobs)) if len(jobs) > 1 else set()
     for job in jobs:
         if job.state in states:
-            error = f"  {job.error()}" if job.state == "failed" else ""
+            state = job.state
+            error = f"  {job.error()}" if state == "failed" else ""
+            holder = f" ({lock.owner(job.dir)})" if state == "running" else ""
             own = " ".join(o for o in job.overrides if o not in shared)
-            lines.append(f"  {job.state:<10} {job.id}  {own}{error}")
+            lines.append(f"  {state:<10} {job.id}  {own}{error}{holder}")
     return "\n".join(lines)
 
 
 def _launch(args: argparse.Namespace) -> None:
-    from tllab.train import hydra_main
+    from tllab.errors import ConfigError
+    from tllab.train import check_group_lists, hydra_main
 
+    try:
+        check_group_lists(args.overrides)
+    except ConfigError as e:
+        raise SystemExit(f"tllab: error: {e}") from None
     argv = ["-m", f"hydra.sweep.dir={args.dir}"]
     launcher = args.launcher or ("joblib" if args.jobs else None)
     if launcher:
@@ -187,7 +200,7 @@ def _status(args: argparse.Namespace) -> None:
     if not jobs:
         raise SystemExit(f"tllab: error: {args.dir} holds no sweep ({MANIFEST} is missing); "
                          "start one with tllab-sweep launch DIR OVERRIDES...")
-    print(format_jobs(jobs, STATES if args.all else ("failed", "incomplete", "pending")))
+    print(format_jobs(jobs, STATES if args.all else ("failed", "running", "incomplete", "pending")))
 
 
 def _delete_incomplete(args: argparse.Namespace) -> None:

@@ -8,6 +8,7 @@ otherwise).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import traceback
@@ -20,11 +21,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from tllab import lock
 from tllab.data import resolve_num_classes
 from tllab.distributed import broadcast_object, dist_is_initialized, is_main
 from tllab.errors import ConfigError, TllabError
 from tllab.launch import join_launcher_group, spawn_ddp, train_process
-from tllab.schema import TrainConfig, register_configs
+from tllab.schema import TrainConfig, check_known_keys, register_configs, validate_config
 
 log = logging.getLogger("tllab")
 register_configs()
@@ -34,12 +36,14 @@ def resolve_config(cfg: DictConfig) -> tuple[TrainConfig, dict[str, Any]]:
     """The typed config and its resolved plain-container form; a missing mandatory value
     (``???``) becomes a :class:`ConfigError` naming the key to set, and ``dataset.num_classes=null``
     is replaced by the number of classes the data has (saved so with the run)."""
+    check_known_keys(cfg)
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
     except MissingMandatoryValue as e:
         raise ConfigError(f"{e.full_key} must be set for this config (it is '???'); "
                           f"add {e.full_key}=<value> to the command line.") from e
     typed: TrainConfig = OmegaConf.to_object(cfg)
+    validate_config(typed)  # before anything is spawned or written
     if typed.dataset.num_classes is None:
         typed.dataset.num_classes = resolved["dataset"]["num_classes"] = resolve_num_classes(typed.dataset)
     return typed, resolved
@@ -70,6 +74,29 @@ def print_summary(summary: dict[str, Any]) -> None:
 def hydra_main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(broadcast_object(str(hc.runtime.output_dir)))  # under torchrun: rank 0's
+    multirun = hc.mode == RunMode.MULTIRUN
+    with contextlib.ExitStack() as owned:
+        refusal = None  # busy or unusable: nothing is written into the run dir
+        if is_main():
+            try:
+                owned.enter_context(lock.hold(run_dir))
+            except TllabError as e:
+                refusal = e
+        refusal = broadcast_object(refusal)
+        if isinstance(refusal, lock.RunDirBusy) and multirun:  # another launcher of the sweep trains it
+            log.warning("skipped: %s", refusal)
+            return None
+        if refusal is not None and multirun:
+            raise refusal  # the sweep reports it and goes on with the other jobs
+        if refusal is not None:
+            if is_main():
+                print(f"tllab: error: {refusal}", file=sys.stderr)
+            sys.exit(1)
+        return _train_and_report(cfg, run_dir, multirun)
+
+
+def _train_and_report(cfg: DictConfig, run_dir: Path, multirun: bool) -> float | None:
+    """Train (the run dir is ours), record an error in ``error.txt``, print the summary."""
     if is_main():
         (run_dir / "error.txt").unlink(missing_ok=True)  # from an earlier failed attempt
     try:
@@ -79,9 +106,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
             sys.exit(1)
         user_error = isinstance(e, TllabError)
         detail = "" if user_error else "".join(traceback.format_exception(e))
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n{detail}")
-        if hc.mode == RunMode.MULTIRUN or not user_error:
+        if multirun or not user_error:
             raise  # a sweep reports it and goes on with the other jobs
         print(f"tllab: error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -92,12 +118,50 @@ def hydra_main(cfg: DictConfig) -> float | None:
     return summary["best"]["metrics"].get(f"{sel}/acc") if sel else None
 
 
+def check_group_lists(overrides: list[str]) -> None:
+    """Hydra names a group's options for one unknown option (``norm=foonorm``) but not for one inside
+    a list (``norm=[adabn,foonorm]``): name them there too.
+
+    Raises:
+        ConfigError: naming the unknown option and the available ones.
+    """
+    from hydra._internal.config_repository import ConfigRepository
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return  # Hydra reports the syntax error itself
+    search_path = create_config_search_path("pkg://tllab.configs")
+    for o in parsed:
+        if o.get_key_element() == "hydra.searchpath" and isinstance(o.value(), list):
+            for path in o.value():
+                search_path.append("command-line", str(path))
+    repo = ConfigRepository(search_path)
+    for o in parsed:
+        group, value = o.key_or_group, o.value()
+        if not isinstance(value, list) or o.package or not repo.group_exists(group):
+            continue
+        options = repo.get_group_options(group)
+        for option in value:
+            if str(option) not in options:
+                raise ConfigError(f"{group}={o.get_value_element_as_str()}: {option!r} is not an option of {group}; "
+                                  f"available: {', '.join(options)}.")
+
+
 def main() -> None:
     """Console entry point. Under torchrun/SLURM, join the process group first; ranks other
     than 0 then run Hydra without any output of their own and use rank 0's run dir."""
     if join_launcher_group() and not is_main():
         sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled",
                      "hydra/hydra_logging=disabled"]
+    try:
+        check_group_lists([a for a in sys.argv[1:] if not a.startswith("-")])
+    except ConfigError as e:
+        print(f"tllab: error: {e}", file=sys.stderr)
+        sys.exit(1)
     hydra_main()
 
 

@@ -84,6 +84,25 @@ def build_model(cfg: TrainConfig, plugins: Iterable[Plugin]) -> nn.Module:
     return model
 
 
+def check_image_size(model: nn.Module, cfg: TrainConfig) -> None:
+    """One zero image through the model in eval mode, before any data is loaded: a layer that
+    cannot take ``dataset.image_size`` (a feature map reduced to one position for Batch-Instance
+    Norm or DomainNorm, a pooling window larger than its input) fails here in one line."""
+    size = cfg.dataset.image_size
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    except (ValueError, RuntimeError) as e:
+        norm = ",".join(cfg.norm) or "none"
+        raise ConfigError(f"backbone={cfg.backbone.name} with norm={norm} cannot take {size}x{size} images "
+                          f"({str(e).splitlines()[0].rstrip('.')}); set a larger dataset.image_size or choose "
+                          "another backbone or norm.") from None
+    finally:
+        model.train(was_training)
+
+
 class Trainer:
     """Builds everything a run needs from its config and trains it (see the module docstring).
 
@@ -111,6 +130,7 @@ class Trainer:
         self.device = resolve_device(tc.device, local_rank())
         self.keys = group_keys(cfg)
         model = build_model(cfg, self.plugins.values())
+        check_image_size(model, cfg)
         if tc.sync_bn:
             model = convert_sync_batchnorm(model)
         self.dtype = getattr(torch, Precision(tc.precision).value)

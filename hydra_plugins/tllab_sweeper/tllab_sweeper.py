@@ -6,6 +6,7 @@ sweepers inside the ``hydra_plugins`` package, hence this thin module; the logic
 :mod:`tllab.sweep`.
 """
 
+import contextlib
 import logging
 import sys
 from dataclasses import dataclass
@@ -63,21 +64,27 @@ class TllabSweeper(Sweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         jobs = plan(sweep_dir, grid)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        todo = [job for job in jobs if job.state != "done"]
-        log.info("sweep %s: %d jobs, %d already done, %d to run", sweep_dir, len(jobs), len(jobs) - len(todo),
-                 len(todo))
+        states = [job.state for job in jobs]
+        todo = [job for job, state in zip(jobs, states) if state not in ("done", "running")]
+        log.info("sweep %s: %d jobs, %d already done, %d running in other processes, %d to run", sweep_dir,
+                 len(jobs), states.count("done"), states.count("running"), len(todo))
         # W&B groups a sweep's runs together unless the config names a group.
         group = [] if self.config.logger.group else [f"logger.group={sweep_dir.name}"]
         batch = [[*job.overrides, *group, subdir_override(job.id)] for job in todo]
         if not batch:
+            print(f"sweep {sweep_dir}: " + format_jobs(jobs, ("running",)), flush=True)
             return []
         self.validate_batch_is_legal(batch)  # a bad grid fails here, before any job runs
         returns = self.launcher.launch(batch, initial_job_idx=0)
         for job, ret in zip(todo, returns):
             if ret.status == JobStatus.FAILED and not job.error():  # died before writing error.txt
-                job.dir.mkdir(parents=True, exist_ok=True)
-                (job.dir / "error.txt").write_text(f"{type(ret._return_value).__name__}: {ret._return_value}\n")
-        print(f"sweep {sweep_dir}: " + format_jobs(jobs, ("failed", "incomplete")), flush=True)
-        if any(job.state != "done" for job in jobs):
+                with contextlib.suppress(OSError):  # a job dir that cannot be written: the error is printed
+                    job.dir.mkdir(parents=True, exist_ok=True)
+                    (job.dir / "error.txt").write_text(f"{type(ret._return_value).__name__}: {ret._return_value}\n")
+                if not job.error():
+                    log.error("job %s failed: %s", job.id, ret._return_value)
+        # Jobs that other launchers train are not failures: a relaunch after they finish finds them done.
+        print(f"sweep {sweep_dir}: " + format_jobs(jobs, ("failed", "running", "incomplete")), flush=True)
+        if any(job.state not in ("done", "running") for job in jobs):
             sys.exit(1)
         return returns

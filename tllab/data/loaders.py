@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import multiprocessing
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -152,7 +156,7 @@ class ForeverLoader:
             self._it = iter(DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                                        collate_fn=getattr(self.dataset, "collate_fn", None),
                                        persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory,
-                                       multiprocessing_context=_worker_context(self.num_workers),
+                                       **_worker_options(self.num_workers),
                                        generator=_own_generator(self.seed, self.batches)))
         self.batches += 1
         return next(self._it)
@@ -174,10 +178,43 @@ def _workers(dataset: Dataset, num_workers: int | None) -> int:
     return getattr(dataset, "default_workers", 0) if num_workers is None else num_workers
 
 
-def _worker_context(num_workers: int) -> str | None:
-    """Fork DataLoader workers where the platform can: a process started by ``trainer=ddp`` (spawned)
-    would otherwise spawn them too, re-importing torch for every evaluation's loader (about 1.7 s each)."""
-    return "fork" if num_workers and sys.platform == "linux" else None
+def _worker_options(num_workers: int) -> dict[str, Any]:
+    """How DataLoader workers start: from a fork server on Linux, never by forking the training
+    process. That process runs threads (gloo's under DDP, the progress bar's, W&B's), and a forked
+    child that inherits a lock held by one of them waits on it forever (a DDP run then hangs until
+    the collective timeout). The server imports ``tllab.data`` once, so a worker starts in
+    milliseconds instead of re-importing torch as a spawned one does; it starts with no logging,
+    so it takes this process's handlers (a skipped image is logged in ``train.log``)."""
+    if not num_workers or sys.platform != "linux":
+        return {}
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["tllab.data"])  # read when the server starts
+    return {"multiprocessing_context": context, "worker_init_fn": _WorkerLogging.capture()}
+
+
+@dataclass(frozen=True)
+class _WorkerLogging:
+    """``worker_init_fn`` that gives a worker the root logger's handlers: (file or ``None`` for
+    stderr, format, level) each."""
+
+    handlers: tuple[tuple[str | None, str | None, int], ...]
+    level: int
+
+    @staticmethod
+    def capture() -> _WorkerLogging:
+        root = logging.getLogger()
+        handlers = tuple((getattr(h, "baseFilename", None), h.formatter._fmt if h.formatter else None, h.level)
+                         for h in root.handlers if isinstance(h, logging.FileHandler | logging.StreamHandler))
+        return _WorkerLogging(handlers, root.level)
+
+    def __call__(self, worker_id: int) -> None:
+        root = logging.getLogger()
+        for file, fmt, level in self.handlers:
+            handler = logging.FileHandler(file) if file else logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter(fmt))
+            handler.setLevel(level)
+            root.addHandler(handler)
+        root.setLevel(self.level)
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int | None = None, rank: int = 0, world: int = 1,
@@ -189,7 +226,7 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int | None = Non
     workers = _workers(dataset, num_workers)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                       collate_fn=getattr(dataset, "collate_fn", None), pin_memory=pin_memory,
-                      multiprocessing_context=_worker_context(workers), generator=_own_generator(0, 0))
+                      **_worker_options(workers), generator=_own_generator(0, 0))
 
 
 def _own_generator(seed: int, position: int) -> torch.Generator:

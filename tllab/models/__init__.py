@@ -7,6 +7,7 @@ features and exposes ``out_features``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from torch import nn
@@ -56,6 +57,17 @@ def create_backbone(library: str, name: str, pretrained: str | None = None, weig
         >>> create_backbone("tllab", "digits_cnn").out_features
         2048
     """
+    try:
+        return _create_backbone(library, name, pretrained, weights, **kwargs)
+    except TypeError as e:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if not unknown:
+            raise
+        raise ConfigError(f"backbone.kwargs.{unknown[1]} is not an argument of the {library} model {name!r}; remove it "
+                          "(see the model's builder for the arguments it takes).") from None
+
+
+def _create_backbone(library: str, name: str, pretrained: str | None, weights: str | None, **kwargs) -> nn.Module:
     if pretrained == "imagenet":
         from tllab.models.weights import imagenet_backbone  # imports this module's builders
 
