@@ -121,7 +121,7 @@ def test_parallel_and_submitit_launchers_run_the_same_jobs(tmp_path: Path, capsy
     jobs = load_jobs(sweep_dir)
     assert all((job.dir / "done").exists() and job.dir.name == job.id for job in jobs)
     code, out = _launch(sweep_dir, capsys, *launcher, "seed=0,1")  # nothing left to run
-    assert code == 0 and "2 jobs, 2 already done, 0 to run" in out
+    assert code == 0 and "2 jobs, 2 already done, 0 running in other processes, 0 to run" in out
 
 
 @pytest.mark.slow

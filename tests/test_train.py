@@ -283,8 +283,8 @@ def test_config_errors_fail_before_training(overrides, match, tmp_path, monkeypa
     from tllab.errors import ConfigError
 
     monkeypatch.setattr(Trainer, "train_step", lambda self: pytest.fail("training started"))
-    cfg, resolved = resolve_config(compose_config([*FAST, *overrides]))
     with pytest.raises(ConfigError, match=match):
+        cfg, resolved = resolve_config(compose_config([*FAST, *overrides]))
         Trainer(cfg, tmp_path, resolved)
 
 
