@@ -228,13 +228,13 @@ def resolve_and_build(overrides: list[str]) -> torch.nn.Module:
 
 
 def test_a_list_of_options_with_an_unknown_one_names_the_available_options():
-    from tllab.train import check_group_lists
+    from tllab.train import check_command_line
 
     with pytest.raises(ConfigError, match=r"norm=\[adabn,foonorm\]: 'foonorm' is not an option of norm; available: "
                                           r"adabn, afn, bin, .*stochnorm"):
-        check_group_lists(["norm=[adabn,foonorm]", "seed=1"])
-    check_group_lists(["norm=[adabn,mixstyle]", "regularizer=[l2sp,bss]", "seed=1"])
-    check_group_lists([f"hydra.searchpath=[file://{Path(__file__).parent / 'configs'}]", "norm=[recorder]"])
+        check_command_line(["norm=[adabn,foonorm]", "seed=1"])
+    check_command_line(["norm=[adabn,mixstyle]", "regularizer=[l2sp,bss]", "seed=1"])
+    check_command_line([f"hydra.searchpath=[file://{Path(__file__).parent / 'configs'}]", "norm=[recorder]"])
 
 
 def test_choices_print_as_their_value_in_messages():

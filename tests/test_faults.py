@@ -6,6 +6,9 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -141,3 +144,84 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_advising_to_unpickl
     assert "holds Python objects besides tensors, which tllab does not unpickle" in message
     assert "weights_only" not in message and "will likely succeed" not in message and "\n" not in message
     assert "this ran" not in capsys.readouterr().out
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    """Every file of a run dir and its bytes (the lock file names its last holder: left out)."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def cli(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tllab.train", "trainer.quiet=true", *overrides],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_refused_command_leaves_the_run_dir_untouched(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["trainer.max_steps=2", "trainer.eval_every=2", f"hydra.run.dir={run_dir}"]
+    assert cli(*args).returncode == 0
+    (run_dir / "done").unlink()  # a run to resume: its records, checkpoints and Hydra's files stay as they are
+    before = snapshot(run_dir)
+    assert {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "config.yaml"} <= before.keys()
+    for bad, message in [("seed=1", r"holds a run with another config \(seed: 0 -> 1\)"),
+                         ("seed=-1", r"seed=-1 is invalid"),
+                         ("trainer.batch_size=0", r"trainer.batch_size=0 is invalid")]:
+        proc = cli(*args, bad)
+        assert proc.returncode == 1 and re.fullmatch(f"tllab: error: .*{message}.*", proc.stderr.strip()), proc.stderr
+        assert snapshot(run_dir) == before, bad
+    assert not (run_dir / "error.txt").exists()
+
+
+@pytest.mark.slow
+def test_a_run_dir_hydra_cannot_create_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    for run_dir, message in [(tmp_path / "file", "is a file"),
+                             (tmp_path / "file" / "run", f"lies under the file {tmp_path}/file")]:
+        proc = cli("trainer.max_steps=1", f"hydra.run.dir={run_dir}")
+        assert proc.returncode == 1 and proc.stderr.strip() == \
+            f"tllab: error: hydra.run.dir={run_dir} {message}; choose another hydra.run.dir.", proc.stderr
+
+
+def test_a_read_only_run_dir_is_one_line(tmp_path, monkeypatch):
+    from tllab.errors import TllabError
+    from tllab.io import check_writable_dir
+
+    monkeypatch.setattr("tllab.io.os.access", lambda path, mode: False)  # root can write anywhere
+    with pytest.raises(TllabError, match=rf"hydra.run.dir={tmp_path}/a/b: {tmp_path} is not writable by this user"):
+        check_writable_dir(tmp_path / "a" / "b", "hydra.run.dir")
+
+
+def test_a_lost_or_damaged_config_is_restored_from_the_checkpoint_and_still_checked(train_run, tmp_path, caplog,
+                                                                                    monkeypatch):
+    from tllab.errors import ConfigError
+
+    run_dir = tmp_path / "run"
+    original_step = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if self.step == 2 else original_step(self))
+    with pytest.raises(KeyboardInterrupt):
+        train_run(*RUN)
+    monkeypatch.setattr(Trainer, "train_step", original_step)
+    original = (run_dir / "config.yaml").read_text()
+    for damage in ("missing", "garbled"):
+        if damage == "missing":
+            (run_dir / "config.yaml").unlink()
+        else:
+            (run_dir / "config.yaml").write_text("seed: [unclosed\n")
+        with pytest.raises(ConfigError, match=r"holds a run with another config \(seed: 0 -> 1\)"):
+            train_run(*RUN, "seed=1")  # the checkpoint's copy of the config is checked
+    with caplog.at_level(logging.WARNING, logger="tllab"):
+        train_run(*RUN)
+    assert "restored from the checkpoint's copy" in caplog.text
+    assert (run_dir / "config.yaml").read_text() == original and steps(run_dir) == [2, 4, 6]
+
+
+def test_a_finished_run_without_a_readable_config_is_refused_in_one_line(train_run, tmp_path):
+    from tllab.errors import RunDirRefused
+
+    train_run(*RUN, "trainer.save_checkpoints=false")
+    (tmp_path / "run" / "config.yaml").write_text("seed: [unclosed\n")
+    with pytest.raises(RunDirRefused, match="holds a run without a readable config.yaml"):
+        train_run(*RUN, "trainer.save_checkpoints=false")

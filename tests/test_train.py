@@ -220,9 +220,10 @@ def test_resuming_with_another_model_or_a_corrupt_checkpoint_fails_clearly(train
     (run_dir / "done").unlink()
     with pytest.raises(ConfigError, match=r"backbone.bottleneck_dim: None -> 32; trainer.max_steps: 3 -> 6"):
         train_run("trainer.max_steps=6", "backbone.bottleneck_dim=32", "seed=1")
-    (run_dir / "config.yaml").unlink()  # without the saved config, the checkpoint itself is checked
-    with pytest.raises(CheckpointError, match=r"different model .*resume with the run's own config"):
+    (run_dir / "config.yaml").unlink()  # without config.yaml, the checkpoint's copy of the config is checked
+    with pytest.raises(ConfigError, match=r"backbone.bottleneck_dim: None -> 32; trainer.max_steps: 3 -> 6"):
         train_run("trainer.max_steps=6", "backbone.bottleneck_dim=32", "seed=1")
+    assert not (run_dir / "config.yaml").exists()  # refused: nothing written
     (run_dir / "checkpoints" / "last.pt").write_bytes(b"truncated")
     with pytest.raises(CheckpointError, match="cannot read checkpoint .*last.pt"):
         train_run("trainer.max_steps=6", "backbone.bottleneck_dim=32", "seed=1")

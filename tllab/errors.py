@@ -9,6 +9,10 @@ class ConfigError(TllabError, ValueError):
     """The composed configuration is invalid."""
 
 
+class RunDirRefused(ConfigError):
+    """The run dir holds another run (another config), or a run whose config cannot be read."""
+
+
 class CheckpointError(TllabError):
     """A checkpoint is missing, corrupt or belongs to another model."""
 

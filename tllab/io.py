@@ -71,6 +71,23 @@ def atomic_write(path: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def check_writable_dir(path: Path, key: str) -> None:
+    """``path`` is a folder this process can create or write into; else one line naming ``key``.
+
+    Raises:
+        TllabError: ``path`` is a file, lies under a file, or its nearest existing folder is read-only.
+    """
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == path else f"lies under the file {existing}"
+        raise TllabError(f"{key}={path} {where}; choose another {key}.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TllabError(f"{key}={path}: {existing} is not writable by this user; choose another {key} or fix "
+                         "the folder's permissions.")
+
+
 def write_error(path: Path, error: BaseException, kept: str) -> WriteError:
     """One line for a failed write of ``path``: the cause (no space left, file too large) and what
     was kept."""

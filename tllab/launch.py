@@ -30,8 +30,10 @@ import yaml
 from omegaconf import OmegaConf
 
 from tllab import errors
+from tllab.checkpoint import load_checkpoint
 from tllab.distributed import default_backend, dist_is_initialized, env_world, is_main
-from tllab.errors import ConfigError, TllabError
+from tllab.errors import ConfigError, RunDirRefused, TllabError
+from tllab.io import atomic_write
 from tllab.loggers import WandbRun
 from tllab.schema import TrainConfig
 from tllab.trainer import Trainer
@@ -51,25 +53,74 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): node}
 
 
-def claim_run_dir(run_dir: Path, resolved: dict[str, Any]) -> None:
-    """Write ``config.yaml`` into a new run dir; for a started one (checkpoint or ``done``), keep
-    its config and refuse a new config that differs in a key that matters (a key newer than the
-    saved config counts as its default)."""
-    saved_file = run_dir / "config.yaml"
+def run_config(run_dir: Path) -> tuple[dict[str, Any] | None, bool]:
+    """The config of the run in ``run_dir`` and whether it came from the checkpoint: ``config.yaml``,
+    or, when that is missing or unreadable, the copy inside ``checkpoints/last.pt``; ``None`` when
+    the run has neither."""
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        if isinstance(saved, dict):
+            return saved, False
+    except (OSError, yaml.YAMLError):
+        pass
+    last = run_dir / "checkpoints" / "last.pt"
+    return (load_checkpoint(last).get("config") if last.exists() else None), True
+
+
+def write_hydra_files(run_dir: Path, files: dict[str, str]) -> None:
+    """Hydra's own record of the command (``.hydra/config.yaml``, ``hydra.yaml``,
+    ``overrides.yaml``), written by tllab once the run dir is claimed (``hydra.output_subdir`` is
+    null), so that a refused command leaves an existing run untouched."""
+    for name, text in files.items():
+        with atomic_write(run_dir / ".hydra" / name) as tmp:
+            tmp.write_text(text)
+
+
+def claim_run_dir(run_dir: Path, resolved: dict[str, Any], hydra_files: dict[str, str] | None = None) -> None:
+    """Make ``run_dir`` this command's: a new run dir gets ``config.yaml``; a started one (checkpoint
+    or ``done``) keeps its config, and a new config that differs from it in a key that matters is
+    refused (a key newer than the saved config counts as its default). The run's config is its
+    ``config.yaml``, or the checkpoint's copy when that file is missing or unreadable (it is then
+    restored). A refused command writes nothing; an accepted one removes an earlier ``error.txt``
+    and writes ``hydra_files`` into ``.hydra/``.
+
+    Raises:
+        RunDirRefused: the run dir holds another run, or a started run without a readable config.
+    """
     started = (run_dir / "checkpoints" / "last.pt").exists() or (run_dir / "done").exists()
-    if not (started and saved_file.exists()):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        saved_file.write_text(OmegaConf.to_yaml(resolved))
-        return
-    # A key the saved config lacks (added to tllab since) had its default value then.
-    defaults = flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig), enum_to_str=True))
-    saved = {**defaults, **flatten(yaml.safe_load(saved_file.read_text()))}
-    new = flatten(resolved)
-    diff = [f"{k}: {saved.get(k, '<unset>')} -> {new.get(k, '<unset>')}" for k in sorted(saved.keys() | new.keys())
-            if saved.get(k) != new.get(k) and not k.startswith(RESUMABLE_KEYS)]
-    if diff:
-        raise ConfigError(f"{run_dir} holds a run with another config ({'; '.join(diff[:6])}); rerun it with its "
-                          "own config (<run dir>/config.yaml) or choose a new hydra.run.dir.")
+    saved, restored = run_config(run_dir) if started else (None, False)
+    if started and saved is None:
+        raise RunDirRefused(f"{run_dir} holds a run without a readable config.yaml (and no checkpoint holding its "
+                            "config); restore config.yaml or choose a new hydra.run.dir.")
+    if saved is not None:
+        # A key the saved config lacks (added to tllab since) had its default value then.
+        defaults = flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig), enum_to_str=True))
+        old, new = {**defaults, **flatten(saved)}, flatten(resolved)
+        diff = [f"{k}: {old.get(k, '<unset>')} -> {new.get(k, '<unset>')}" for k in sorted(old.keys() | new.keys())
+                if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_KEYS)]
+        if diff:
+            raise RunDirRefused(f"{run_dir} holds a run with another config ({'; '.join(diff[:6])}); rerun it with "
+                                "its own config (<run dir>/config.yaml) or choose a new hydra.run.dir.")
+    if saved is None or restored:
+        if restored:
+            log.warning("%s/config.yaml was missing or unreadable: restored from the checkpoint's copy", run_dir)
+        with atomic_write(run_dir / "config.yaml") as tmp:
+            tmp.write_text(OmegaConf.to_yaml(saved if restored else resolved))
+    (run_dir / "error.txt").unlink(missing_ok=True)  # from an earlier failed attempt
+    write_hydra_files(run_dir, hydra_files or {})
+
+
+def check_devices(cfg: TrainConfig) -> None:
+    """``trainer.devices`` processes fit this machine: GPUs visible, or CPU cores unless
+    ``trainer.oversubscribe``."""
+    devices = cfg.trainer.devices
+    if _uses_cuda(cfg) and devices > torch.cuda.device_count():
+        raise ConfigError(f"trainer.devices={devices} but {torch.cuda.device_count()} GPU(s) are visible; lower "
+                          "trainer.devices or set trainer.device=cpu.")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not _uses_cuda(cfg) and devices > cores and not cfg.trainer.oversubscribe:
+        raise ConfigError(f"trainer.devices={devices} would start {devices} CPU processes on {cores} cores; lower "
+                          f"trainer.devices (at most {cores}) or set trainer.oversubscribe=true.")
 
 
 def finished_summary(run_dir: Path) -> dict[str, Any] | None:
@@ -80,9 +131,8 @@ def finished_summary(run_dir: Path) -> dict[str, Any] | None:
 
 def train_process(cfg: TrainConfig, resolved: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Train in this process (alone, or as one rank of a process group) and return the summary
-    ({} on ranks other than 0). A finished run dir is not trained again; a started one resumes."""
-    if is_main():
-        claim_run_dir(run_dir, resolved)
+    ({} on ranks other than 0). A finished run dir is not trained again; a started one resumes.
+    The run dir must be claimed already (:func:`claim_run_dir`)."""
     done = finished_summary(run_dir)
     if done is not None:
         log.info("%s is complete (done marker); not training again", run_dir)
@@ -155,14 +205,6 @@ def spawn_ddp(cfg: TrainConfig, resolved: dict[str, Any], run_dir: Path) -> dict
     """Train with ``cfg.trainer.devices`` spawned data-parallel workers; return rank 0's summary.
     A user error in any worker is raised here as the same :class:`TllabError`."""
     devices = cfg.trainer.devices
-    if _uses_cuda(cfg) and devices > torch.cuda.device_count():
-        raise ConfigError(f"trainer.devices={devices} but {torch.cuda.device_count()} GPU(s) are visible; lower "
-                          "trainer.devices or set trainer.device=cpu.")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if not _uses_cuda(cfg) and devices > cores and not cfg.trainer.oversubscribe:
-        raise ConfigError(f"trainer.devices={devices} would start {devices} CPU processes on {cores} cores; lower "
-                          f"trainer.devices (at most {cores}) or set trainer.oversubscribe=true.")
-    claim_run_dir(run_dir, resolved)
     done = finished_summary(run_dir)
     if done is not None:
         return done
@@ -177,9 +219,9 @@ def spawn_ddp(cfg: TrainConfig, resolved: dict[str, Any], run_dir: Path) -> dict
         if not reports and isinstance(e, mp.ProcessExitedException):  # killed (OOM killer, kill -9) or exited
             how = f"was killed by {e.signal_name}" if e.signal_name else f"exited with status {e.exit_code}"
             last = run_dir / "checkpoints" / "last.pt"
+            kept = f"its last checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
             raise TllabError(f"data-parallel worker rank {e.error_index} (pid {e.error_pid}) {how}, so every rank "
-                             f"stopped; {'its last checkpoint is ' + str(last) if last.exists() else 'no checkpoint was written yet'}: "
-                             "rerun the same command to resume.") from None
+                             f"stopped; {kept}: rerun the same command to resume.") from None
         if not reports:
             raise
         report = json.loads(reports[0].read_text())

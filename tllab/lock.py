@@ -77,7 +77,7 @@ def hold(run_dir: Path, wait_s: float = 1.0) -> Iterator[None]:
         fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise ConfigError(f"cannot use {run_dir} as a run dir ({e.strerror}: {e.filename}); choose another "
-                          "hydra.run.dir (or hydra.sweep.dir).") from e
+                          "hydra.run.dir (or hydra.sweep.dir), or fix the folder's permissions.") from e
     try:
         deadline = time.monotonic() + wait_s
         while not _try_lock(fd, fcntl.LOCK_EX):

@@ -257,7 +257,8 @@ def check_known_keys(cfg: DictConfig, prefix: str = "") -> None:
     for key in cfg:
         if typed and key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" ({prefix or 'top level'} keys: {', '.join(known)})"
+            where = f"{prefix or 'top level'} keys: {', '.join(known)}"
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" ({where})"
             raise ConfigError(f"{prefix}{key} is not a config key{hint}; remove it from the command line (a key added "
                               "with + must still be one the schema knows, see tllab/schema.py).")
         node = cfg._get_node(key)

@@ -178,12 +178,12 @@ def format_jobs(jobs: Sequence[Job], states: Sequence[str] = ("failed", "incompl
 
 
 def _launch(args: argparse.Namespace) -> None:
-    from tllab.errors import ConfigError
-    from tllab.train import check_group_lists, hydra_main
+    from tllab.errors import TllabError
+    from tllab.train import check_command_line, hydra_main
 
     try:
-        check_group_lists(args.overrides)
-    except ConfigError as e:
+        check_command_line(args.overrides)
+    except TllabError as e:
         raise SystemExit(f"tllab: error: {e}") from None
     argv = ["-m", f"hydra.sweep.dir={args.dir}"]
     launcher = args.launcher or ("joblib" if args.jobs else None)

@@ -24,8 +24,9 @@ from omegaconf.errors import MissingMandatoryValue
 from tllab import lock
 from tllab.data import resolve_num_classes
 from tllab.distributed import broadcast_object, dist_is_initialized, is_main
-from tllab.errors import ConfigError, TllabError
-from tllab.launch import join_launcher_group, spawn_ddp, train_process
+from tllab.errors import ConfigError, RunDirRefused, TllabError
+from tllab.io import check_writable_dir
+from tllab.launch import check_devices, claim_run_dir, join_launcher_group, spawn_ddp, train_process, write_hydra_files
 from tllab.schema import TrainConfig, check_known_keys, register_configs, validate_config
 
 log = logging.getLogger("tllab")
@@ -49,15 +50,32 @@ def resolve_config(cfg: DictConfig) -> tuple[TrainConfig, dict[str, Any]]:
     return typed, resolved
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train one run into ``run_dir`` and return its summary ({} on ranks other than 0): in this
-    process, or in ``trainer.devices`` spawned processes for ``trainer=ddp`` (unless this process
-    already belongs to a torchrun/SLURM process group). A run dir that holds a ``done`` marker is
-    not trained again; one that holds a checkpoint is resumed, with the same config."""
+def prepare(cfg: DictConfig, run_dir: Path, hydra_files: dict[str, str] | None = None
+            ) -> tuple[TrainConfig, dict[str, Any]]:
+    """Check the config and claim ``run_dir`` for it (rank 0): a config that is refused here
+    leaves the run dir as it was (see :func:`tllab.launch.claim_run_dir`)."""
     typed, resolved = resolve_config(cfg)
+    if typed.trainer.strategy == "ddp" and not dist_is_initialized():
+        check_devices(typed)
+    if is_main():
+        claim_run_dir(run_dir, resolved, hydra_files)
+    return typed, resolved
+
+
+def train(typed: TrainConfig, resolved: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Train a claimed run dir and return the summary ({} on ranks other than 0): in this process,
+    or in ``trainer.devices`` spawned processes for ``trainer=ddp`` (unless this process already
+    belongs to a torchrun/SLURM process group). A run dir that holds a ``done`` marker is not
+    trained again; one that holds a checkpoint is resumed."""
     if typed.trainer.strategy == "ddp" and not dist_is_initialized():
         return spawn_ddp(typed, resolved, run_dir)
     return train_process(typed, resolved, run_dir)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """:func:`prepare`, then :func:`train`: one run into ``run_dir``, resumed with the same config
+    if it was started."""
+    return train(*prepare(cfg, run_dir), run_dir)
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -95,18 +113,34 @@ def hydra_main(cfg: DictConfig) -> float | None:
         return _train_and_report(cfg, run_dir, multirun)
 
 
+def _hydra_files(cfg: DictConfig) -> dict[str, str]:
+    """What Hydra would write into ``<run dir>/.hydra`` (``hydra.output_subdir`` is null: tllab
+    writes it once the run dir is claimed)."""
+    hc = HydraConfig.get()
+    return {"config.yaml": OmegaConf.to_yaml(cfg), "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hc})),
+            "overrides.yaml": OmegaConf.to_yaml(list(hc.overrides.task))}
+
+
 def _train_and_report(cfg: DictConfig, run_dir: Path, multirun: bool) -> float | None:
-    """Train (the run dir is ours), record an error in ``error.txt``, print the summary."""
-    if is_main():
-        (run_dir / "error.txt").unlink(missing_ok=True)  # from an earlier failed attempt
+    """Claim the run dir and train (it is locked by this process); print the summary. An error
+    after the claim, or in a run dir that held no run, is recorded in ``error.txt`` (a sweep lists
+    it); a refused command leaves an existing run as it was."""
+    hydra_files = _hydra_files(cfg)
+    fresh = not any((run_dir / name).exists() for name in ("config.yaml", "done", ".hydra"))
+    claimed = False
     try:
-        summary = run(cfg, run_dir)
+        prepared = prepare(cfg, run_dir, hydra_files)
+        claimed = True
+        summary = train(*prepared, run_dir)
     except Exception as e:
         if not is_main():
             sys.exit(1)
         user_error = isinstance(e, TllabError)
-        detail = "" if user_error else "".join(traceback.format_exception(e))
-        (run_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n{detail}")
+        if claimed or (fresh and not isinstance(e, RunDirRefused)):
+            detail = "" if user_error else "".join(traceback.format_exception(e))
+            (run_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n{detail}")
+            if not claimed:  # the report reads the config of a job that failed before its claim from .hydra
+                write_hydra_files(run_dir, hydra_files)
         if multirun or not user_error:
             raise  # a sweep reports it and goes on with the other jobs
         print(f"tllab: error: {e}", file=sys.stderr)
@@ -118,12 +152,13 @@ def _train_and_report(cfg: DictConfig, run_dir: Path, multirun: bool) -> float |
     return summary["best"]["metrics"].get(f"{sel}/acc") if sel else None
 
 
-def check_group_lists(overrides: list[str]) -> None:
-    """Hydra names a group's options for one unknown option (``norm=foonorm``) but not for one inside
-    a list (``norm=[adabn,foonorm]``): name them there too.
+def check_command_line(overrides: list[str]) -> None:
+    """What Hydra reports badly, in one line before it starts: an unknown option inside a list
+    (``norm=[adabn,foonorm]``; Hydra names a group's options only for a single one), and a run or
+    sweep dir it cannot create (a file, a path under a file, a read-only folder).
 
     Raises:
-        ConfigError: naming the unknown option and the available ones.
+        ConfigError: naming the unknown option and the available ones, or the unusable dir.
     """
     from hydra._internal.config_repository import ConfigRepository
     from hydra._internal.utils import create_config_search_path
@@ -139,6 +174,9 @@ def check_group_lists(overrides: list[str]) -> None:
         if o.get_key_element() == "hydra.searchpath" and isinstance(o.value(), list):
             for path in o.value():
                 search_path.append("command-line", str(path))
+    for o in parsed:
+        if o.get_key_element() in ("hydra.run.dir", "hydra.sweep.dir"):
+            check_writable_dir(Path(str(o.value())), o.get_key_element())
     repo = ConfigRepository(search_path)
     for o in parsed:
         group, value = o.key_or_group, o.value()
@@ -158,8 +196,8 @@ def main() -> None:
         sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled",
                      "hydra/hydra_logging=disabled"]
     try:
-        check_group_lists([a for a in sys.argv[1:] if not a.startswith("-")])
-    except ConfigError as e:
+        check_command_line([a for a in sys.argv[1:] if not a.startswith("-")])
+    except TllabError as e:
         print(f"tllab: error: {e}", file=sys.stderr)
         sys.exit(1)
     hydra_main()

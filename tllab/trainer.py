@@ -222,6 +222,7 @@ class Trainer:
             "elapsed": self.elapsed,
             "best": self.best,
             "keys": self.keys,
+            "config": self.resolved,  # the run's own config, should config.yaml be lost
         }
 
     def _maybe_resume(self) -> None:

@@ -21,6 +21,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from tllab.errors import RunDirRefused
 from tllab.sweep import expand_grid, format_jobs, plan, subdir_override
 
 log = logging.getLogger("tllab")
@@ -77,12 +78,13 @@ class TllabSweeper(Sweeper):
         self.validate_batch_is_legal(batch)  # a bad grid fails here, before any job runs
         returns = self.launcher.launch(batch, initial_job_idx=0)
         for job, ret in zip(todo, returns):
-            if ret.status == JobStatus.FAILED and not job.error():  # died before writing error.txt
+            refused = isinstance(ret._return_value, RunDirRefused)  # the job dir holds another run: untouched
+            if ret.status == JobStatus.FAILED and not job.error() and not refused:  # died before writing error.txt
                 with contextlib.suppress(OSError):  # a job dir that cannot be written: the error is printed
                     job.dir.mkdir(parents=True, exist_ok=True)
                     (job.dir / "error.txt").write_text(f"{type(ret._return_value).__name__}: {ret._return_value}\n")
-                if not job.error():
-                    log.error("job %s failed: %s", job.id, ret._return_value)
+            if ret.status == JobStatus.FAILED and not job.error():
+                log.error("job %s failed: %s", job.id, ret._return_value)
         # Jobs that other launchers train are not failures: a relaunch after they finish finds them done.
         print(f"sweep {sweep_dir}: " + format_jobs(jobs, ("failed", "running", "incomplete")), flush=True)
         if any(job.state not in ("done", "running") for job in jobs):
