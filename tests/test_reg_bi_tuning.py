@@ -37,16 +37,16 @@ class TinyBackbone(nn.Sequential):
                          nn.Flatten(), nn.Linear(4, FEAT))
 
 
-def make_plugin(tmp_path: Path, **kwargs) -> tuple[BiTuning, nn.Module]:
+def make_plugin(tmp_path: Path, dtype: torch.dtype = torch.float32, **kwargs) -> tuple[BiTuning, nn.Module]:
     torch.manual_seed(0)
     plugin = BiTuning(**{"K": 2, "projection_dim": 4, **kwargs})
-    model = plugin.transform_model(Classifier(TinyBackbone(), C))
+    model = plugin.transform_model(Classifier(TinyBackbone(), C)).to(dtype)
     plugin.setup(SetupContext(model, None, torch.device("cpu"), tmp_path, {"seed": 0}))
     return plugin, model
 
 
 def step_output(model: nn.Module, n: int = 5) -> StepOutput:
-    x, y = torch.randn(n, 3, 8, 8), torch.arange(n) % C
+    x, y = torch.randn(n, 3, 8, 8, dtype=next(model.parameters()).dtype), torch.arange(n) % C
     logits, f = model(x)
     return StepOutput(step=0, total_steps=1, model=model, x_s=x, y_s=y, d_s=torch.zeros_like(y), logits_s=logits, f_s=f)
 
@@ -134,6 +134,14 @@ def test_loss_gradients_reach_query_and_projector_only(tmp_path):
     # the projector trains at 0.1x; the head's prototypes get no gradient from the classifier contrast
     assert plugin.param_groups(model, 0.01) == [
         {"params": list(plugin.projector.parameters()), "lr": pytest.approx(0.001), "name": "projector"}]
+
+
+def test_terms_are_float64_for_a_float64_model_and_float32_under_bfloat16_autocast(tmp_path):
+    plugin, model = make_plugin(tmp_path, torch.float64)
+    assert {t.dtype for t in plugin.loss(step_output(model)).values()} == {torch.float64}
+    plugin, model = make_plugin(tmp_path)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert {t.dtype for t in plugin.loss(step_output(model)).values()} == {torch.float32}
 
 
 def test_key_encoder_follows_the_momentum_rule(tmp_path):

@@ -148,3 +148,24 @@ def test_co_tuning_yaml_trains_and_the_checkpoint_holds_the_source_head_once(sou
     assert not torch.equal(state["plugins"]["regularizer.co_tuning"]["source_head.head.weight"], source)
     _, model = load_run(tmp_path / "ft")  # analysis rebuilds the model without the plug-in's setup
     assert isinstance(model.head, nn.Linear)
+
+
+def test_soft_cross_entropy_of_float64_logits_is_float64_and_half_logits_are_upcast():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 5, dtype=torch.float64, generator=g)
+    target = torch.rand(4, 5, dtype=torch.float64, generator=g)
+    target /= target.sum(1, keepdim=True)
+    log_p = logits - logits.exp().sum(1, keepdim=True).log()
+    hand = -(target * log_p).sum() / 4
+    torch.testing.assert_close(soft_cross_entropy(logits, target), hand, rtol=0, atol=1e-12)
+    assert soft_cross_entropy(logits.bfloat16(), target.float()).dtype == torch.float32
+
+
+def test_a_float64_run_keeps_a_float64_source_head_exactly(pretrained, tmp_path):
+    ckpt = pretrained("trainer.precision=float64")
+    stored = torch.load(ckpt, weights_only=True)["model"]
+    assert not torch.equal(stored["head.weight"].float().double(), stored["head.weight"])  # float32 would round
+    ct = co_tuning_trainer(ckpt, tmp_path / "run", "trainer.precision=float64").plugins["regularizer.co_tuning"]
+    for k, v in ct.source_head.state_dict().items():
+        torch.testing.assert_close(v, stored[k], rtol=0, atol=0, msg=k)  # dtype included
+    assert ct.relationship.dtype == torch.float64

@@ -205,3 +205,45 @@ def test_yaml_fine_tunes_digits_and_keeps_the_source_out_of_checkpoints(train_ru
     state = load_checkpoint(tmp_path / "ft" / "checkpoints" / "last.pt")
     assert state["plugins"]["regularizer.delta"] == {}
     assert all(k.split(".")[0] in {"backbone", "bottleneck", "head"} for k in state["model"])
+
+
+@pytest.mark.parametrize("attention", [False, True], ids=["plain", "attention"])
+def test_float64_maps_give_a_float64_distance_and_half_maps_are_upcast(attention):
+    g = torch.Generator().manual_seed(0)
+    src = [torch.randn(shape, dtype=torch.float64, generator=g) for shape in ((3, 2, 4, 4), (3, 5, 2, 2))]
+    tgt = [torch.randn(s.shape, dtype=torch.float64, generator=g) for s in src]
+    a = [torch.rand(s.shape[1], dtype=torch.float64, generator=g) for s in src] if attention else None
+    sq = [(t - s).square().flatten(2) for s, t in zip(src, tgt)]  # (B, C, H*W)
+    per_layer = ([d.sum() for d in sq] if a is None
+                 else [d.shape[1] * (w[:, None] * d).sum() / d.shape[2] for d, w in zip(sq, a)])
+    hand = 0.5 * sum(per_layer) / 3
+    torch.testing.assert_close(feature_map_distance(src, tgt, a), hand, rtol=0, atol=1e-12)
+    half = feature_map_distance([s.bfloat16() for s in src], [t.bfloat16() for t in tgt], a)
+    assert half.dtype == torch.float32
+
+
+def test_float64_model_gives_float64_terms(tmp_path):
+    model = _tiny_model().double()
+    plugin = DELTA(weight=1.0, head_weight=1.0, attention=False)
+    plugin.setup(_ctx(model, tmp_path))
+    x, y = torch.randn(4, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    terms = _step(model, plugin, x, y)
+    hand = 0.5 * sum(p.square().sum() for m in (model.bottleneck, model.head) for p in m.parameters())
+    torch.testing.assert_close(terms["head"], hand, rtol=0, atol=1e-12)
+    assert terms["feature_map"].dtype == torch.float64
+
+
+def test_attention_of_a_float64_model_is_float64():
+    net = _toy_attention_model(skip=False).double()
+    x = torch.tensor([-1.0, 1.0, -0.5, 0.5, -2.0, 2.0], dtype=torch.float64).view(6, 1, 1, 1)
+    y = (x.flatten() > 0).long()
+    a = estimate_channel_attention(net, ["0"], [(x, y)])[0]
+    base = F.cross_entropy(net(x), y)
+    deltas = []
+    for j in range(3):
+        edited = _toy_attention_model(skip=False).double()
+        with torch.no_grad():
+            edited[0].weight[j] = 0
+        deltas.append(F.cross_entropy(edited(x), y) - base)
+    d = torch.stack(deltas)
+    torch.testing.assert_close(a, torch.softmax((d - d.mean()) / d.std(correction=0) / 5, 0), rtol=0, atol=1e-12)

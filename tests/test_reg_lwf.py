@@ -158,3 +158,29 @@ def test_the_teacher_does_not_fire_the_trained_models_hooks(source_ckpt, tmp_pat
     assert calls == [] and lwf.tap.value is None
     model(torch.randn(2, 3, 32, 32))
     assert calls == [1] and lwf.tap.take(2).shape == (2, 2048)
+
+
+def test_knowledge_distillation_of_float64_logits_is_float64_and_half_logits_are_upcast():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 4, 5, dtype=torch.float64, generator=g)
+    log_p = s / 3 - (s / 3).exp().sum(1, keepdim=True).log()
+    q = (t / 3).exp() / (t / 3).exp().sum(1, keepdim=True)
+    hand = (q * (q.log() - log_p)).sum() / 4
+    torch.testing.assert_close(knowledge_distillation(s, t, 3.0), hand, rtol=0, atol=1e-12)
+    assert knowledge_distillation(s.bfloat16(), t.bfloat16(), 3.0).dtype == torch.float32
+
+
+def test_a_float64_run_keeps_a_float64_source_head_exactly(pretrained, tmp_path):
+    ckpt = pretrained("backbone.bottleneck_dim=32", "trainer.precision=float64")
+    stored = torch.load(ckpt, weights_only=True)["model"]
+    assert not torch.equal(stored["head.weight"].float().double(), stored["head.weight"])  # float32 would round
+    tr = lwf_trainer(ckpt, tmp_path / "run", "trainer.precision=float64")
+    lwf = tr.plugins["regularizer.lwf"]
+    for k, v in lwf.source_head.state_dict().items():
+        torch.testing.assert_close(v, stored[k], rtol=0, atol=0, msg=k)  # dtype included
+    x, y, d, _ = tr._fetch()  # float64 images
+    logits, f = tr.model(x)
+    distill = lwf.loss(StepOutput(0, 2, tr.model, x, y, d, logits, f))["distill"]
+    with torch.no_grad():
+        student, teacher = lwf.source_head(tr.model.backbone(x)), lwf.teacher(x)
+    torch.testing.assert_close(distill, 4 * knowledge_distillation(student, teacher, 3.0), rtol=0, atol=1e-12)

@@ -41,6 +41,7 @@ from tllab.loggers import ResultsFile, WandbRun, write_json_atomic
 from tllab.models import Classifier, create_backbone
 from tllab.models.pretrained import load_head_checkpoint
 from tllab.nn import convert_sync_batchnorm
+from tllab.nn.functional import upcast_half
 from tllab.optim import build_optimizer, build_scheduler, lr_factor
 from tllab.plugin import Plugin, SetupContext, StepOutput, build_plugins, overrides_forward
 from tllab.schema import AmpDtype, Precision, TrainConfig, validate_config
@@ -63,11 +64,6 @@ def resolve_device(name: str, local_rank: int = 0, option: str = "trainer.device
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{option}{name} but CUDA is not available; use {option}cpu or auto.")
     return device
-
-
-def _upcast(t: Tensor) -> Tensor:
-    """Losses of half-precision (AMP) logits are computed in float32."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def build_model(cfg: TrainConfig, plugins: Iterable[Plugin]) -> nn.Module:
@@ -314,7 +310,7 @@ class Trainer:
             logits_s, f_s, logits_t, f_t = self.forward(x_s, x_t)
             out = StepOutput(step=self.step, total_steps=self.total_steps, model=self.model, x_s=x_s, y_s=y_s,
                              d_s=d_s, logits_s=logits_s, f_s=f_s, x_t=x_t, logits_t=logits_t, f_t=f_t)
-            terms = {"ce": F.cross_entropy(_upcast(out.logits_s), y_s)}
+            terms = {"ce": F.cross_entropy(upcast_half(out.logits_s), y_s)}
             for name, plugin in self.plugins.items():
                 terms.update({f"{name}/{k}": v for k, v in plugin.loss(out).items()})
             loss = sum(terms.values())
@@ -384,7 +380,7 @@ class Trainer:
                 x, y = self._images(x), y.to(self.device, non_blocking=True)
                 with self.autocast():
                     logits, _ = model(x)
-                sums[0] += F.cross_entropy(_upcast(logits), y, reduction="sum").double()
+                sums[0] += F.cross_entropy(upcast_half(logits), y, reduction="sum").double()
                 sums[1:k + 1] += torch.bincount(y, minlength=k).double()
                 sums[k + 1:] += torch.bincount(y[logits.argmax(1) == y], minlength=k).double()
             sums = all_reduce_sum(sums)

@@ -32,15 +32,11 @@ from torch import Tensor, nn
 
 from tllab.distributed import all_gather_cat, broadcast_tensors
 from tllab.errors import ConfigError
+from tllab.nn.functional import upcast_half
 from tllab.plugin import Plugin, SetupContext, StepOutput
 
 __all__ = ["BiTuning", "classifier_contrastive_logits", "contrastive_logits", "contrastive_targets",
            "enqueue_per_class", "random_resized_crop"]
-
-
-def _upcast(t: Tensor) -> Tensor:
-    """Half-precision (AMP) tensors are computed in float32."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def random_resized_crop(x: Tensor, scale: Sequence[float] = (0.2, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
@@ -81,7 +77,7 @@ def random_resized_crop(x: Tensor, scale: Sequence[float] = (0.2, 1.0), ratio: S
     sign = torch.where((u[:, 4] < 0.5) & flip, -1.0, 1.0).to(w)
     zero = torch.zeros_like(w)
     theta = torch.stack([torch.stack([w * sign, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
-    xf = _upcast(x)
+    xf = upcast_half(x)
     grid = F.affine_grid(theta.to(xf.device, xf.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(xf, grid, mode="bilinear", padding_mode="border", align_corners=False).to(x.dtype)
 
@@ -306,18 +302,18 @@ class BiTuning(Plugin):
         x_q, x_k = (random_resized_crop(out.x_s, self.crop_scale, self.crop_ratio, self.flip, self.generator)
                     for _ in range(2))
         _, h_q = model(x_q)
-        z_q = F.normalize(_upcast(self.projector(h_q)), dim=1)
+        z_q = F.normalize(upcast_half(self.projector(h_q)), dim=1)
         with torch.no_grad():
             self.key_model.train(model.training)
             _, h_k = self.key_model(x_k)
-            z_k = F.normalize(_upcast(self.key_projector(h_k)), dim=1)
+            z_k = F.normalize(upcast_half(self.key_projector(h_k)), dim=1)
         # A copy: the enqueue below writes the buffer in place, which the backward of q @ queue reads.
-        logits_z = contrastive_logits(z_q, z_k, _upcast(self.queue_z).clone(), y, self.T)
-        self.enqueue(_normalize_with_one(_upcast(h_k)), z_k, y)
+        logits_z = contrastive_logits(z_q, z_k, upcast_half(self.queue_z).clone(), y, self.T)
+        self.enqueue(_normalize_with_one(upcast_half(h_k)), z_k, y)
         head = model.head
-        prototypes = F.normalize(_upcast(torch.cat([head.weight, head.bias[:, None]], 1).detach()), dim=1)
-        hn_q = _normalize_with_one(_upcast(h_q))
-        logits_y = classifier_contrastive_logits(hn_q, prototypes, _upcast(self.queue_h), y, self.T)
+        prototypes = F.normalize(upcast_half(torch.cat([head.weight, head.bias[:, None]], 1).detach()), dim=1)
+        hn_q = _normalize_with_one(upcast_half(h_q))
+        logits_y = classifier_contrastive_logits(hn_q, prototypes, upcast_half(self.queue_h), y, self.T)
         target = contrastive_targets(len(y), self.queue_ptr.shape[0], self.K, y.device, logits_z.dtype)
         return {"contrastive": self.weight * F.kl_div(logits_z, target, reduction="batchmean"),
                 "classifier_contrastive": self.weight * F.kl_div(logits_y, target, reduction="batchmean")}

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from tllab.distributed import all_gather_cat, is_dist, rank, world_size
 from tllab.errors import ConfigError
+from tllab.nn.functional import upcast_half
 from tllab.plugin import Plugin, SetupContext, StepOutput
 
 
@@ -55,8 +56,7 @@ def batch_spectral_shrinkage(features: Tensor, k: int = 1) -> Tensor:
     n = min(features.shape)
     if not 1 <= k <= n:
         raise ValueError(f"k={k} is out of range: a {tuple(features.shape)} feature matrix has {n} singular values.")
-    f = features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
-    return torch.linalg.svdvals(f)[n - k:].square().sum()  # svdvals are in descending order
+    return torch.linalg.svdvals(upcast_half(features))[n - k:].square().sum()  # svdvals are in descending order
 
 
 class _ScaleGrad(torch.autograd.Function):

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from tllab.checkpoint import load_checkpoint, save_atomic
 from tllab.data.loaders import eval_loader
 from tllab.distributed import broadcast_object, is_main
+from tllab.nn.functional import upcast_half
 from tllab.plugin import Plugin, SetupContext, StepOutput
 from tllab.regularizer.source import FeatureTap, load_source_head
 
@@ -80,7 +81,7 @@ def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
         >>> round(soft_cross_entropy(torch.zeros(1, 4), torch.tensor([[0.5, 0.5, 0.0, 0.0]])).item(), 4)  # ln 4
         1.3863
     """
-    return -(target * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
+    return -(target * F.log_softmax(upcast_half(logits), dim=1)).sum(1).mean()
 
 
 class CoTuning(Plugin):
@@ -125,9 +126,9 @@ class CoTuning(Plugin):
         self.tap: FeatureTap | None = None
 
     def setup(self, ctx: SetupContext) -> None:
-        head, classes = load_source_head(ctx.config["backbone"], "regularizer=co_tuning")
         dtype = next(ctx.model.parameters()).dtype
-        head = head.to(ctx.device, dtype)
+        head, classes = load_source_head(ctx.config["backbone"], "regularizer=co_tuning", dtype)
+        head = head.to(ctx.device)
         num_classes = int(ctx.config["dataset"]["num_classes"])
         rel = self._relationship(ctx, head, (num_classes, len(classes))) if is_main() else None
         self.relationship = broadcast_object(rel).to(ctx.device, dtype)

@@ -39,6 +39,7 @@ from tllab.checkpoint import load_checkpoint, save_atomic
 from tllab.data.loaders import eval_loader
 from tllab.distributed import broadcast_object, is_main
 from tllab.errors import ConfigError
+from tllab.nn.functional import upcast_half
 from tllab.plugin import Plugin, SetupContext, StepOutput
 from tllab.regularizer.l2 import half_squared_norm
 from tllab.regularizer.source import frozen_copy
@@ -136,8 +137,8 @@ def feature_map_distance(src: Sequence[Tensor], tgt: Sequence[Tensor], attention
     The factor :math:`C` is tllib's: uniform weights :math:`a_c = 1/C` give the plain distance
     divided by :math:`HW`. The result is :math:`\sum_l \Omega_l` divided by the batch size for
     ``reduction="mean"`` (default: batch-size and rank-count invariant, the paper's per-sample
-    form) or not for ``"sum"`` (tllib). The source maps are detached; the sum is in float32 for
-    half-precision maps.
+    form) or not for ``"sum"`` (tllib). The source maps are detached; the sum is in the maps' dtype
+    (float32 for half-precision maps).
 
     Args:
         src: per layer, the frozen source model's maps :math:`(B, C, *)`.
@@ -157,14 +158,15 @@ def feature_map_distance(src: Sequence[Tensor], tgt: Sequence[Tensor], attention
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if len(src) != len(tgt) or (attention is not None and len(attention) != len(src)):
         raise ValueError("src, tgt (and attention) need one entry per layer")
-    total = tgt[0].new_zeros((), dtype=torch.float32)
+    per_layer = []
     for i, (s, t) in enumerate(zip(src, tgt)):
-        diff = (t.float() - s.detach().float()).flatten(2)  # (B, C, H*W)
+        diff = (upcast_half(t) - upcast_half(s.detach())).flatten(2)  # (B, C, H*W)
         if attention is None:
-            total = total + 0.5 * diff.pow(2).sum()
+            per_layer.append(0.5 * diff.pow(2).sum())
         else:
             per_channel = diff.pow(2).mean(2)  # ||.||^2 / (H*W)
-            total = total + 0.5 * (diff.shape[1] * attention[i].to(per_channel) * per_channel).sum()
+            per_layer.append(0.5 * (diff.shape[1] * attention[i].to(per_channel) * per_channel).sum())
+    total = sum(per_layer)
     return total / len(tgt[0]) if reduction == "mean" else total
 
 
@@ -224,7 +226,8 @@ def estimate_channel_attention(model: nn.Module, layers: Sequence[str], batches:
         samples_per_pass: replicated samples per forward pass (memory vs. speed).
 
     Returns:
-        per layer, float32 CPU weights :math:`(C_l,)` summing to 1.
+        per layer, CPU weights :math:`(C_l,)` summing to 1, in the loss's dtype (float32; float64
+        for a float64 model).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.Flatten(), nn.Linear(2, 2))
@@ -242,7 +245,7 @@ def estimate_channel_attention(model: nn.Module, layers: Sequence[str], batches:
             x, y = batch[0], batch[1]
             n = len(y)
             with LayerOutputs(model, layers) as lo:
-                base = F.cross_entropy(_logits(model, x).float(), y, reduction="none")
+                base = F.cross_entropy(upcast_half(_logits(model, x)), y, reduction="none")
             widths = [fm.shape[1] for fm in lo.take().values()]
             k_max = max(1, samples_per_pass // n)
             for li, (name, width) in enumerate(zip(layers, widths)):
@@ -258,7 +261,7 @@ def estimate_channel_attention(model: nn.Module, layers: Sequence[str], batches:
                             logits = _logits(model, x.repeat(k, *([1] * (x.dim() - 1))))
                     finally:
                         handle.remove()
-                    loss = F.cross_entropy(logits.float(), y.repeat(k), reduction="none").view(k, n)
+                    loss = F.cross_entropy(upcast_half(logits), y.repeat(k), reduction="none").view(k, n)
                     delta[start:start + k] = (loss - base).sum(1).double().cpu()
                 deltas[li] = delta if deltas[li] is None else deltas[li] + delta
             count += n
@@ -270,7 +273,7 @@ def estimate_channel_attention(model: nn.Module, layers: Sequence[str], batches:
     for delta in deltas:
         mean_delta = delta / count
         z = (mean_delta - mean_delta.mean()) / mean_delta.std(correction=0).clamp_min(1e-12)
-        out.append(torch.softmax(z / temperature, dim=0).float())
+        out.append(torch.softmax(z / temperature, dim=0).to(base.dtype))  # float64 stays float64
     return out
 
 
@@ -285,7 +288,7 @@ def _fit_new_layers(model: nn.Module, batches: Sequence[Sequence[Tensor]], steps
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
     for step in range(steps):
         f, y = feats[step % len(feats)]
-        loss = F.cross_entropy(model.head(model.bottleneck(f)).float(), y)
+        loss = F.cross_entropy(upcast_half(model.head(model.bottleneck(f))), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -425,6 +428,6 @@ class DELTA(Plugin):
         source_maps = lo.take()
         src = [source_maps[name] for name in self.loss_layers]
         fm = feature_map_distance(src, tgt, self._weights if self.attention else None, self.reduction)
-        new_params = [p.float() for m in (out.model.bottleneck, out.model.head) for p in m.parameters()]
+        new_params = [upcast_half(p) for m in (out.model.bottleneck, out.model.head) for p in m.parameters()]
         head = half_squared_norm(new_params, fm.device)
         return {"feature_map": self.weight * fm, "head": self.head_weight * head}

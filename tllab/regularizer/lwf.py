@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tllab.nn.functional import upcast_half
 from tllab.plugin import Plugin, SetupContext, StepOutput
 from tllab.regularizer.source import FeatureTap, frozen_copy, load_source_head
 
@@ -27,8 +28,8 @@ def knowledge_distillation(student: Tensor, teacher: Tensor, temperature: float)
         >>> round(knowledge_distillation(torch.zeros(1, 2), t, 3.0).item(), 6)  # 3/4 ln 3/2 + 1/4 ln 1/2
         0.130812
     """
-    log_p = F.log_softmax(student.float() / temperature, dim=1)
-    q = F.softmax(teacher.float() / temperature, dim=1)
+    log_p = F.log_softmax(upcast_half(student) / temperature, dim=1)
+    q = F.softmax(upcast_half(teacher) / temperature, dim=1)
     return F.kl_div(log_p, q, reduction="batchmean")
 
 
@@ -91,9 +92,8 @@ class LwF(Plugin):
         return self.frozen[1]
 
     def setup(self, ctx: SetupContext) -> None:
-        head, _ = load_source_head(ctx.config["backbone"], "regularizer=lwf")
-        dtype = next(ctx.model.parameters()).dtype
-        head = head.to(ctx.device, dtype).eval().requires_grad_(False)
+        head, _ = load_source_head(ctx.config["backbone"], "regularizer=lwf", next(ctx.model.parameters()).dtype)
+        head = head.to(ctx.device).eval().requires_grad_(False)
         # ctx.model still holds the pretrained weights (setup runs before a checkpoint is restored).
         teacher = nn.Sequential(frozen_copy(ctx.model.backbone), head)
         self.frozen = [teacher, head]

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from tllab.checkpoint import load_checkpoint
@@ -23,8 +24,8 @@ NO_SOURCE = ("{method} needs the pretrained model's classifier (its source head)
              "tllab checkpoint of a trained classifier (<run dir>/checkpoints/last.pt) or to imagenet.")
 
 
-def load_source_head(backbone_cfg: Mapping[str, Any], method: str = "this regularizer"
-                     ) -> tuple[nn.Module, list[str]]:
+def load_source_head(backbone_cfg: Mapping[str, Any], method: str = "this regularizer",
+                     dtype: torch.dtype = torch.float32) -> tuple[nn.Module, list[str]]:
     r"""The source head of ``backbone.pretrained`` and the names of its classes.
 
     .. math:: \mathrm{logits}_s = \mathrm{head}(\mathrm{bottleneck}(f)),\quad f = \mathrm{backbone}(x)
@@ -39,10 +40,13 @@ def load_source_head(backbone_cfg: Mapping[str, Any], method: str = "this regula
     Args:
         backbone_cfg: the ``backbone`` config (``library``, ``name``, ``pretrained``, ``weights``, ``kwargs``).
         method: how error messages name the caller (``"regularizer=lwf"``).
+        dtype: the head's dtype, the model's: the stored weights are copied into layers of this
+            dtype, so a float64 run keeps a float64 checkpoint's head exactly (never rounded
+            through float32).
 
     Returns:
         ``(head, classes)``: ``head`` is an ``nn.Sequential`` (children ``bottleneck`` (optional)
-        and ``head``, named as in the checkpoint) in train mode, on CPU, in float32.
+        and ``head``, named as in the checkpoint) in train mode, on CPU, in ``dtype``.
 
     Shape:
         - ``head`` input: :math:`(N, D)` pooled backbone features (``backbone.out_features``).
@@ -63,11 +67,11 @@ def load_source_head(backbone_cfg: Mapping[str, Any], method: str = "this regula
     if not pretrained:
         raise ConfigError(NO_SOURCE.format(method=method))
     if pretrained == "imagenet":
-        return _imagenet_head(backbone_cfg)
-    return _checkpoint_head(Path(str(pretrained)).expanduser(), method)
+        return _imagenet_head(backbone_cfg, dtype)
+    return _checkpoint_head(Path(str(pretrained)).expanduser(), method, dtype)
 
 
-def _checkpoint_head(path: Path, method: str) -> tuple[nn.Module, list[str]]:
+def _checkpoint_head(path: Path, method: str, dtype: torch.dtype) -> tuple[nn.Module, list[str]]:
     if not path.is_file():
         raise CheckpointError(f"backbone.pretrained={str(path)!r} is not a file; {NO_SOURCE.format(method=method)}")
     obj = load_checkpoint(path, "Set backbone.pretrained to a tllab checkpoint (<run dir>/checkpoints/last.pt).")
@@ -79,9 +83,10 @@ def _checkpoint_head(path: Path, method: str) -> tuple[nn.Module, list[str]]:
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     if "bottleneck.0.weight" in state:
         dim, in_features = state["bottleneck.0.weight"].shape
-        layers["bottleneck"] = nn.Sequential(nn.Linear(in_features, dim), nn.BatchNorm1d(dim), nn.ReLU())
+        layers["bottleneck"] = nn.Sequential(nn.Linear(in_features, dim, dtype=dtype),
+                                             nn.BatchNorm1d(dim, dtype=dtype), nn.ReLU())
     num_classes, features = state["head.weight"].shape
-    layers["head"] = nn.Linear(features, num_classes)
+    layers["head"] = nn.Linear(features, num_classes, dtype=dtype)
     head = nn.Sequential(layers)
     try:
         head.load_state_dict({k: v for k, v in state.items() if k.startswith(("bottleneck.", "head."))})
@@ -92,13 +97,14 @@ def _checkpoint_head(path: Path, method: str) -> tuple[nn.Module, list[str]]:
     return head, list(classes) if classes else [str(i) for i in range(num_classes)]
 
 
-def _imagenet_head(backbone_cfg: Mapping[str, Any]) -> tuple[nn.Module, list[str]]:
+def _imagenet_head(backbone_cfg: Mapping[str, Any], dtype: torch.dtype) -> tuple[nn.Module, list[str]]:
     from timm.data import ImageNetInfo
 
     _, head = imagenet_backbone(str(backbone_cfg.get("library")), str(backbone_cfg.get("name")),
                                 backbone_cfg.get("weights"), **backbone_cfg.get("kwargs", {}))
-    # the classifier acts on the pooled features, which is what every tllab backbone returns
-    return nn.Sequential(OrderedDict(head=head)), list(ImageNetInfo().label_descriptions())
+    # the classifier acts on the pooled features, which is what every tllab backbone returns;
+    # ImageNet weights are stored in float32 (or narrower), so its float64 copy is exact
+    return nn.Sequential(OrderedDict(head=head)).to(dtype), list(ImageNetInfo().label_descriptions())
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
