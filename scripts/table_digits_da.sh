@@ -2,7 +2,10 @@
 # Domain adaptation table, embedded digits (mnist -> mnistm, uci; 3 seeds) -> docs/results/digits_da/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# An ablation row outside the grid joins the same sweep dir: AFN's bottleneck and head without its loss.
+# Rows outside the grid join the same sweep dir: AFN's bottleneck and head without its loss (an ablation),
+# and AFN with one forward pass per domain, as tllib's afn.py (the grid's rows share one joint pass).
 ${TLLAB_BIN:-.venv/bin}/tllab-sweep launch outputs/sweeps/table_digits_da experiment=table_digits_da \
     norm=afn norm.afn.weight=0 "label='afn head, no AFN loss'" "$@" || echo "some jobs failed; the report lists them"
+${TLLAB_BIN:-.venv/bin}/tllab-sweep launch outputs/sweeps/table_digits_da experiment=table_digits_da \
+    norm=afn trainer.forward=separate "label='afn, separate passes'" "$@" || echo "some jobs failed; the report lists them"
 exec scripts/table.sh table_digits_da last,source_val,oracle "$@"

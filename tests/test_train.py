@@ -352,3 +352,32 @@ def test_compiled_backbone_trains_like_the_eager_one_and_keeps_checkpoint_names(
     assert compiled["final"]["target_test/acc"] == pytest.approx(eager["final"]["target_test/acc"], abs=0.01)
     a, b = (torch.load(tmp_path / d / "checkpoints/last.pt", weights_only=True)["model"] for d in ("eager", "compiled"))
     assert list(a) == list(b)  # no _orig_mod. prefix: eager and compiled checkpoints are interchangeable
+
+
+@pytest.mark.parametrize(("mode", "passes"), [("joint", [16]), ("separate", [8, 8])])
+def test_forward_mode_decides_which_batch_batchnorm_normalises(tmp_path, mode, passes):
+    cfg, resolved = resolve_config(compose_config([*FAST, "norm=afn", "trainer.batch_size=8",
+                                                   f"trainer.forward={mode}"]))
+    trainer = Trainer(cfg, tmp_path, resolved)
+    seen: list[int] = []
+    trainer.model.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    trainer.train_step()
+    assert seen == passes  # separate: source and target each normalised with their own batch statistics
+
+
+def test_separate_passes_are_refused_with_a_plugin_that_replaces_the_forward_pass(tmp_path):
+    from tllab.errors import ConfigError
+
+    cfg, resolved = resolve_config(compose_config([*FAST, "norm=[split_forward]", "trainer.forward=separate"]))
+    with pytest.raises(ConfigError, match=r"norm.split_forward replaces the forward pass, so trainer.forward=separate"):
+        Trainer(cfg, tmp_path, resolved)
+
+
+def test_a_float64_run_loads_a_float64_checkpoint_without_rounding(pretrained, tmp_path):
+    ckpt = pretrained("trainer.precision=float64")
+    cfg, resolved = resolve_config(compose_config([*FAST, "experiment=digits_finetune", f"backbone.pretrained={ckpt}",
+                                                   "trainer.precision=float64"]))
+    weights = Trainer(cfg, tmp_path, resolved).model.backbone.state_dict()
+    stored = torch.load(ckpt, weights_only=True)["model"]
+    assert weights and all(torch.equal(v, stored[f"backbone.{k}"]) for k, v in weights.items())
+    assert torch.get_default_dtype() == torch.float32  # restored after building the model

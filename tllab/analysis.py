@@ -44,6 +44,7 @@ from tllab.data.loaders import eval_loader
 from tllab.errors import CheckpointError, ConfigError, TllabError
 from tllab.keys import method_name, task_name
 from tllab.loggers import write_json_atomic
+from tllab.nn.functional import upcast_half
 from tllab.norm.adabn import adapt_batchnorm, adaptation_split
 from tllab.plugin import build_plugins
 from tllab.schema import Precision, TrainConfig
@@ -292,8 +293,7 @@ def accuracy(model: nn.Module, dataset: ArrayDataset, batch_size: int) -> dict[s
         logits, _ = model(x.to(reference.device, reference.dtype))
         y = y.to(reference.device)
         correct += (logits.argmax(1) == y).sum().item()
-        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        loss += F.cross_entropy(upcast_half(logits), y, reduction="sum").item()
     model.train(was_training)
     return {"acc": correct / len(dataset), "loss": loss / len(dataset)}
 

@@ -80,6 +80,11 @@ class Strategy(Choice):
     ddp = "ddp"  # data parallel: one process per device, gradients averaged, optional SyncBN
 
 
+class ForwardMode(Choice):
+    joint = "joint"  # one pass over cat(source, target): BatchNorm normalises both domains together (tllib's DANN...)
+    separate = "separate"  # one pass per domain: each normalised with its own batch statistics (tllib's AFN)
+
+
 class WandbMode(Choice):
     offline = "offline"
     online = "online"
@@ -186,6 +191,7 @@ class TrainerConfig:
     devices: int = 1  # ddp: processes started on this machine (ignored under torchrun/SLURM)
     oversubscribe: bool = False  # ddp on CPU: allow more processes than this machine has cores
     sync_bn: bool = False  # ddp: synchronize BatchNorm statistics over all ranks
+    forward: ForwardMode = ForwardMode.joint  # domain adaptation: source and target in one pass or two
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (ddp: cuda uses the rank's local GPU)
     epochs: int = 3
     iters_per_epoch: int | None = None  # None: one pass over the labelled train set

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from tllab.nn import convert_sync_batchnorm
 from tllab.nn.functional import upcast_half
 from tllab.optim import build_optimizer, build_scheduler, lr_factor
 from tllab.plugin import Plugin, SetupContext, StepOutput, build_plugins, overrides_forward
-from tllab.schema import AmpDtype, Precision, TrainConfig, validate_config
+from tllab.schema import AmpDtype, ForwardMode, Precision, TrainConfig, validate_config
 
 log = logging.getLogger("tllab")
 
@@ -78,6 +78,16 @@ def build_model(cfg: TrainConfig, plugins: Iterable[Plugin]) -> nn.Module:
     for plugin in plugins:
         model = plugin.transform_model(model)
     return model
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def check_image_size(model: nn.Module, cfg: TrainConfig) -> None:
@@ -125,11 +135,12 @@ class Trainer:
             log.warning("fine-tuning from random init (backbone.pretrained=null): the train-from-scratch baseline")
         self.device = resolve_device(tc.device, local_rank())
         self.keys = group_keys(cfg)
-        model = build_model(cfg, self.plugins.values())
-        check_image_size(model, cfg)
+        self.dtype = getattr(torch, Precision(tc.precision).value)
+        with _default_dtype(self.dtype):  # float64: a float64 checkpoint loads without rounding through float32
+            model = build_model(cfg, self.plugins.values())
+            check_image_size(model, cfg)
         if tc.sync_bn:
             model = convert_sync_batchnorm(model)
-        self.dtype = getattr(torch, Precision(tc.precision).value)
         self.model = model.to(self.device, self.dtype)
         channels_last = tc.channels_last if tc.channels_last is not None else self.device.type == "cuda"
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -189,6 +200,9 @@ class Trainer:
         forward = [n for n, p in self.plugins.items() if overrides_forward(p)]
         if len(forward) > 1:
             raise ConfigError(f"{forward[0]} and {forward[1]} both replace the forward pass; use only one of them.")
+        if forward and self.cfg.trainer.forward == ForwardMode.separate:
+            raise ConfigError(f"{forward[0]} replaces the forward pass, so trainer.forward=separate does not apply; "
+                              "drop trainer.forward.")
         roles: dict[str, str] = {}
         for name, plugin in self.plugins.items():
             if plugin.exclusive and plugin.exclusive in roles:
@@ -272,10 +286,15 @@ class Trainer:
     # ---------------------------------------------------------------- steps
     def forward(self, x_s: Tensor, x_t: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """Logits and features of source and target: one pass over ``cat([x_s, x_t])`` (BatchNorm
-        sees both domains, as in tllib), unless a plug-in replaces the forward pass."""
+        normalises both domains together, as tllib's DANN/CDAN/MCC...) or, with
+        ``trainer.forward=separate``, one pass per domain (each normalised with its own batch
+        statistics, as tllib's AFN); a plug-in may replace the forward pass."""
         for plugin in self.plugins.values():
             if overrides_forward(plugin):
                 return plugin.forward_step(self.model, x_s, x_t)
+        if x_t is not None and self.cfg.trainer.forward == ForwardMode.separate:
+            (logits_s, f_s), (logits_t, f_t) = self.model(x_s), self.model(x_t)
+            return logits_s, f_s, logits_t, f_t
         logits, f = self.model(x_s if x_t is None else torch.cat([x_s, x_t]))
         if x_t is None:
             return logits, f, None, None

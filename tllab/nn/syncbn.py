@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tllab.distributed import world_size
+from tllab.nn.functional import upcast_half
 from tllab.nn.host_exchange import host_exchange
 
 
@@ -53,7 +54,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         n = x.numel() // c if c else 0
         local[0] = n
         if n > 0:  # two-pass local statistics: no cancellation, and faster than Welford here
-            xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+            xf = upcast_half(x)
             dims = [0, *range(2, x.dim())]
             mean = xf.mean(dims)
             local[1:c + 1] = mean.double()

@@ -35,6 +35,7 @@ from tllab.data.base import ImageSet
 from tllab.data.loaders import eval_loader
 from tllab.distributed import all_gather_objects, all_reduce_sum, rank, world_size
 from tllab.errors import ConfigError
+from tllab.nn.functional import upcast_half
 from tllab.plugin import Plugin, SetupContext
 
 # Batches of inputs: tensors, or tuples/lists whose first element is the input (``(x, y, d)``
@@ -101,7 +102,7 @@ def _input_stats(model: nn.Module, layer: _BatchNorm, batches: Batches, to: Call
         x = args[0].detach()
         n = x.numel() // c
         if n:
-            x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+            x = upcast_half(x)
             dims = [0, *range(2, x.dim())]
             mean = x.mean(dims)
             m2 = (x - mean.view(1, c, *([1] * (x.dim() - 2)))).square_().sum(dims)

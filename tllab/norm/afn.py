@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from tllab.errors import ConfigError
 from tllab.models.classifier import Classifier
+from tllab.nn.functional import upcast_half
 from tllab.plugin import Plugin, StepOutput
 
 log = logging.getLogger("tllab")
@@ -53,9 +54,7 @@ class AdaptiveFeatureNorm(nn.Module):
         self.delta = delta
 
     def forward(self, f: Tensor) -> Tensor:
-        if f.dtype in (torch.float16, torch.bfloat16):
-            f = f.float()
-        norm = f.norm(p=2, dim=1)
+        norm = upcast_half(f).norm(p=2, dim=1)
         return (norm - (norm.detach() + self.delta)).square().mean()
 
     def extra_repr(self) -> str:

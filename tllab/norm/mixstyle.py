@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from tllab.errors import ConfigError
+from tllab.nn.functional import upcast_half
 from tllab.norm.placement import attach_after, resolve_stages, stages
 from tllab.plugin import Plugin, SetupContext
 
@@ -65,7 +66,7 @@ def instance_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     Returns:
         ``(mean, std)``, each :math:`(N, C, 1, 1)`.
     """
-    return _InstanceStats.apply(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, eps)
+    return _InstanceStats.apply(upcast_half(x), eps)
 
 
 def _log_gamma(shape: float, n: int, generator: torch.Generator | None) -> Tensor:
