@@ -4,15 +4,22 @@ relaunched and reported."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
 from PIL import Image
 
 from tllab import report, sweep
+from tllab.io import read_jsonl
 from tllab.sweep import Job, job_id, load_jobs, plan
 
 from .conftest import TESTS
@@ -139,3 +146,44 @@ def test_preset_rows_and_distinct_domains_make_the_table_grid(tmp_path: Path, ca
     methods = {json.loads((j.dir / "summary.json").read_text())["method"] for j in jobs}
     assert methods == {"source only", "adabn"}
     assert {yaml.safe_load((j.dir / "config.yaml").read_text())["optim"]["lr"] for j in jobs} == {0.5}
+
+
+def slurm_launcher_config() -> DictConfig:
+    from hydra import compose, initialize_config_module
+
+    from tllab.schema import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="tllab.configs", version_base="1.3"):
+        return compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True).hydra.launcher
+
+
+@pytest.mark.slow
+def test_a_job_signalled_at_its_time_limit_is_requeued_and_resumes_in_its_job_dir(tmp_path: Path):
+    """submitit's protocol, run by its local executor: the time-limit signal (USR2) makes the job
+    requeue itself (as many times as the SLURM launcher's max_num_timeout allows) and the rerun
+    resumes from last.pt, so every record is written once and the job finishes."""
+    requeues = slurm_launcher_config().max_num_timeout
+    assert requeues >= 1  # with 0 a job that reaches its time limit is lost
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "-m", "tllab.sweep", "launch", str(sweep_dir), "hydra/launcher=submitit_local",
+               f"+hydra.launcher.max_num_timeout={requeues}", "hydra.launcher.timeout_min=1",  # 1 min: USR2 = time-out
+               f"hydra.searchpath=[file://{TESTS}/configs]", "trainer.max_steps=60", "trainer.eval_every=10",
+               "trainer.quiet=true", "trainer.deterministic=true", "seed=0"]
+    launcher = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not list(sweep_dir.glob("*/checkpoints/last.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    [job_dir] = [p.parents[1] for p in sweep_dir.glob("*/checkpoints/last.pt")]
+    tasks = [int(c.parent.name) for c in Path("/proc").glob("[0-9]*/cmdline")
+             if b"submitit.core._submit" in c.read_bytes() and str(sweep_dir).encode() in c.read_bytes()]
+    assert len(tasks) == 1
+    os.kill(tasks[0], signal.SIGUSR2)
+    out = launcher.communicate(timeout=300)[0]
+    assert launcher.returncode == 0, out
+    assert (job_dir / "done").exists()
+    assert [r["step"] for r in read_jsonl(job_dir / "results.jsonl")] == list(range(10, 61, 10))
+    assert "resumed from" in (job_dir / "train.log").read_text()
+    logs = "".join(p.read_text() for p in sweep_dir.rglob("*_log.*"))
+    assert "this job is timed-out" in logs and "Requeued job" in logs
