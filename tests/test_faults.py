@@ -166,22 +166,23 @@ def test_a_refused_command_leaves_the_run_dir_untouched(tmp_path):
     before = snapshot(run_dir)
     assert {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "config.yaml"} <= before.keys()
     for bad, message in [("seed=1", r"holds a run with another config \(seed: 0 -> 1\)"),
-                         ("seed=-1", r"seed=-1 is invalid"),
-                         ("trainer.batch_size=0", r"trainer.batch_size=0 is invalid")]:
+                         ("seed=-1", r"seed=-1 is invalid")]:
         proc = cli(*args, bad)
         assert proc.returncode == 1 and re.fullmatch(f"tllab: error: .*{message}.*", proc.stderr.strip()), proc.stderr
         assert snapshot(run_dir) == before, bad
     assert not (run_dir / "error.txt").exists()
 
 
-@pytest.mark.slow
 def test_a_run_dir_hydra_cannot_create_is_one_line(tmp_path):
+    from tllab.errors import TllabError
+    from tllab.train import check_command_line
+
     (tmp_path / "file").write_text("")
     for run_dir, message in [(tmp_path / "file", "is a file"),
                              (tmp_path / "file" / "run", f"lies under the file {tmp_path}/file")]:
-        proc = cli("trainer.max_steps=1", f"hydra.run.dir={run_dir}")
-        assert proc.returncode == 1 and proc.stderr.strip() == \
-            f"tllab: error: hydra.run.dir={run_dir} {message}; choose another hydra.run.dir.", proc.stderr
+        with pytest.raises(TllabError) as error:
+            check_command_line(["seed=1", f"hydra.run.dir={run_dir}"])
+        assert str(error.value) == f"hydra.run.dir={run_dir} {message}; choose another hydra.run.dir."
 
 
 def test_a_read_only_run_dir_is_one_line(tmp_path, monkeypatch):

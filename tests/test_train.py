@@ -304,9 +304,8 @@ def test_load_head_continues_the_source_model_and_refuses_a_mismatch(pretrained,
                                                    "backbone.load_head=true", "backbone.bottleneck_dim=16"]))
     with pytest.raises(CheckpointError, match="does not fit this model"):
         Trainer(cfg, tmp_path / "b", resolved)
-    cfg, resolved = resolve_config(compose_config(["backbone.load_head=true"]))
     with pytest.raises(ConfigError, match="backbone.load_head=true needs backbone.pretrained"):
-        Trainer(cfg, tmp_path / "c", resolved)
+        resolve_config(compose_config(["backbone.load_head=true"]))
 
 
 def test_prefetching_the_next_batch_changes_no_number_and_resumes_exactly(train_run, tmp_path, monkeypatch):
