@@ -21,7 +21,7 @@ from tllab.trainer import Trainer
 COMMON = ["optim=sgd", "trainer.max_steps=12", "trainer.eval_every=6", "trainer.quiet=true", "seed=3",
           "trainer.precision=float64"]  # float64: equal up to rounding, not up to float32 noise
 RUN_FILES = {".hydra", ".lock", "checkpoints", "config.yaml", "done", "results.jsonl", "per_class.jsonl",
-             "summary.json", "train.log"}
+             "summary.json", "train.log", "provenance.json"}
 
 
 def cli(tmp_path: Path, *overrides: str, launcher: tuple[str, ...] = ("-m", "tllab.train"), **kwargs):

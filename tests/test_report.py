@@ -156,7 +156,8 @@ def test_report_files_match_the_golden_report(runs_dir: Path, tmp_path: Path):
     assert wide[0] == ["method", "mnist→mnistm", "mnist→uci", "Avg"]
     assert wide[1][:2] == ["source only", "37.5 ± 17.7"]
     tex = (out / "digits_da_oracle.tex").read_text()
-    assert r"mnist$\to$mnistm" in tex and r"\textbf{" in tex and r"$\pm$" in tex
+    assert r"mnist$\to$mnistm" in tex and r"$\pm$" in tex
+    assert r"\textbf{" not in tex  # the other rows have one seed: no interval to beat
     assert {p.name for p in out.glob("*.png")} == {"digits_da_last_bars.png", "digits_da_source_val_bars.png",
                                                   "digits_da_oracle_bars.png", "digits_da_curves.png"}
 
@@ -166,3 +167,72 @@ def test_report_errors_name_the_fix(tmp_path: Path):
         report.main([str(tmp_path)])
     with pytest.raises(SystemExit):
         report.main([str(tmp_path), "--selection", "best"])
+
+
+MIXED_GOLDEN = TESTS / "golden" / "mixed_report.md"
+
+
+def _provenance(run_dir: Path, commit: str, dirty: bool, overrides: list[str]) -> None:
+    entry = {"time": "2026-12-04T00:00:00+00:00", "tllab": "0.1.0", "git_commit": commit, "git_dirty": dirty,
+             "overrides": overrides, "hardware": "CPU: 2 cores", "python": "3.11.7", "torch": "2.14.1"}
+    (run_dir / "provenance.json").write_text(json.dumps({"commands": [entry]}))
+
+
+@pytest.fixture(scope="module")
+def mixed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sweep as users make them: source only run with a shortened recipe (trainer.max_steps=20),
+    AdaBN with the reference recipe but one seed evaluated more often, and AdaBN seed 0 run twice."""
+    root = tmp_path_factory.mktemp("mixed")
+    for seed in range(3):
+        name = f"so_{seed}"
+        _write_run(root, name, [f"seed={seed}", "trainer.max_steps=20"], 0.60 + 0.02 * seed)
+        _provenance(root / name, "1111111aaaaaaa", False,
+                    ["trainer.quiet=true", "trainer.max_steps=20", f"seed={seed}"])
+        name = f"adabn_{seed}"
+        every = ["trainer.eval_every=2"] if seed == 2 else []
+        _write_run(root, name, [f"seed={seed}", "norm=adabn", *every], 1.0 + 0.02 * seed)
+        _provenance(root / name, "2222222bbbbbbb", True, ["trainer.quiet=true", "norm=adabn", f"seed={seed}", *every])
+    _write_run(root, "adabn_0_again", ["seed=0", "norm=adabn"], 1.1)  # same config and seed as adabn_0
+    return root
+
+
+def test_a_mixed_sweep_reports_recipes_duplicates_and_uncertainty_honestly(mixed_dir: Path, tmp_path: Path):
+    ref_file = tmp_path / "refs.yaml"
+    ref_file.write_text("- source: Reference recipe, 3 epochs\n  dataset: digits\n  setting: da\n"
+                        "  recipe: {trainer.max_steps: null, trainer.epochs: 3}\n"
+                        "  values:\n    source only: {mnist→mnistm: 34.9}\n    adabn: {mnist→mnistm: 54.3}\n")
+    out = tmp_path / "out"
+    report.main([str(mixed_dir), "--out", str(out), "--selection", "last", "--references", str(ref_file),
+                 "--baseline", "source only", "--no-plots"])
+    text = (out / "report.md").read_text().replace(str(mixed_dir), "<runs>")
+    if not MIXED_GOLDEN.exists():  # first run writes the golden file, to be reviewed and committed
+        MIXED_GOLDEN.write_text(text)
+    assert text == MIXED_GOLDEN.read_text()
+    # eval frequency does not split the AdaBN row; the repeated seed counts once
+    assert "| adabn |" in text and "eval_every" not in text.split("## ")[1].split("\n\n")[1]
+    assert "[ref 34.9; recipe differs: trainer.max_steps=20]" in text and "[ref 54.3, Δ -3.3]" in text
+    assert "**51.0 ± 1.0 [ref 54.3, Δ -3.3]**" in text  # its interval clears the runner-up's
+    assert r"\textbf{51.0 $\pm$ 1.0" in (out / "digits_da_last.tex").read_text()
+    assert "Duplicate: `<runs>/adabn_0_again` repeats `<runs>/adabn_0`" in text
+    assert "at commit 1111111, 2222222+dirty" in text and "CPU: 2 cores" in text
+    cells = {(r["method"], r["task"]): r for r in csv.DictReader((out / "cells.csv").open())}
+    adabn = cells[("adabn", "mnist→mnistm")]
+    assert (int(adabn["n"]), float(adabn["mean"])) == (3, 51.0)
+    assert float(adabn["ci95_low"]) == pytest.approx(51.0 - 4.302653 / math.sqrt(3), abs=1e-3)
+    assert float(adabn["paired_mean"]) == 20.0 and adabn["paired_baseline"] == "source only"
+    assert cells[("source only", "mnist→mnistm")]["delta"] == ""  # another recipe: no delta
+    runs = {Path(r["run_dir"]).name: r for r in csv.DictReader((out / "runs.csv").open())}
+    assert runs["adabn_0_again"]["duplicate_of"].endswith("adabn_0") and runs["adabn_0"]["duplicate_of"] == ""
+    assert runs["adabn_1"]["git_commits"] == "2222222+dirty" and runs["so_0"]["hardware"] == "CPU: 2 cores"
+
+
+@pytest.mark.parametrize(("values", "bold"), [
+    ({"a": [50, 51, 52], "b": [30, 31, 32], "c": [10]}, [True, False, False]),  # clear winner
+    ({"a": [50, 51, 52], "b": [49, 50, 51], "c": [30, 31, 32]}, [True, True, False]),  # tied with b
+    ({"a": [50], "b": [30]}, [False, False]),  # one seed: no interval, never bold
+])
+def test_bold_marks_the_best_only_outside_the_noise(values, bold):
+    from tllab.report.render import best_cells
+
+    cells = [Cell(dict(enumerate(v))) for v in values.values()]
+    assert best_cells(cells) == bold

@@ -104,6 +104,8 @@ def test_sweep_skips_finished_jobs_reports_failures_and_makes_the_report(tmp_pat
     out_dir = tmp_path / "report"
     report.main([str(sweep_dir), "--out", str(out_dir), "--selection", "last,oracle"])
     text = (out_dir / "report.md").read_text().replace(str(sweep_dir), "<sweep>")
+    text = re.sub(r"Made with tllab \S+ at commit .+? on .+? \(", "Made with tllab <version> at commit <commit> on "
+                  "<hardware> (", text)  # provenance of this checkout and machine
     if not GOLDEN.exists():  # first run writes the golden file, to be reviewed and committed
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(text)

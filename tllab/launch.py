@@ -13,10 +13,13 @@ Only rank 0 writes into the run dir (config, records, checkpoints, logs, W&B).
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
+import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 from multiprocessing import resource_tracker
@@ -29,6 +32,7 @@ import torch.multiprocessing as mp
 import yaml
 from omegaconf import OmegaConf
 
+import tllab
 from tllab import errors
 from tllab.checkpoint import load_checkpoint
 from tllab.distributed import default_backend, dist_is_initialized, env_world, is_main
@@ -40,9 +44,11 @@ from tllab.trainer import Trainer
 
 log = logging.getLogger("tllab")
 
-# Keys that may change when a run is resumed: they do not affect its results.
+# Result-neutral keys, one list for every use: they may change when a run is resumed, are not part of a
+# sweep job's identity (tllab.sweep.job_id) and never split a report's rows (tllab.report.runs).
+# trainer.eval_every changes only which steps are evaluated, not the training.
 RESUMABLE_KEYS = ("trainer.quiet", "trainer.resume", "trainer.num_workers", "trainer.eval_batch_size",
-                  "trainer.device", "trainer.oversubscribe", "logger.")
+                  "trainer.eval_every", "trainer.device", "trainer.oversubscribe", "logger.")
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
@@ -108,6 +114,48 @@ def claim_run_dir(run_dir: Path, resolved: dict[str, Any], hydra_files: dict[str
             tmp.write_text(OmegaConf.to_yaml(saved if restored else resolved))
     (run_dir / "error.txt").unlink(missing_ok=True)  # from an earlier failed attempt
     write_hydra_files(run_dir, hydra_files or {})
+    record_provenance(run_dir, resolved, yaml.safe_load((hydra_files or {}).get("overrides.yaml", "[]")) or [])
+
+
+def _git(*args: str) -> str | None:
+    """A git command's output in the checkout tllab runs from; None for an installed package."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def hardware_class(cfg: TrainConfig) -> str:
+    """``GPU: <name> x<processes>`` or ``CPU: <cores> cores`` (x<processes> under trainer=ddp)."""
+    processes = cfg.trainer.devices if cfg.trainer.strategy == "ddp" else 1
+    if _uses_cuda(cfg):
+        return f"GPU: {torch.cuda.get_device_name(0)} x{processes}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return f"CPU: {cores} cores" + (f" x{processes} processes" if processes > 1 else "")
+
+
+def record_provenance(run_dir: Path, resolved: dict[str, Any], overrides: list[str]) -> None:
+    """Append how this command was made to ``provenance.json`` (one entry per start or resume):
+    tllab version, git commit and dirty flag of the checkout, command-line overrides, hardware
+    class, Python and torch versions. ``tllab-report`` prints them beside its tables."""
+    path = run_dir / "provenance.json"
+    try:
+        commands = json.loads(path.read_text())["commands"] if path.exists() else []
+    except (json.JSONDecodeError, KeyError, TypeError):
+        commands = []  # a damaged record is replaced, never fatal
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    cfg: TrainConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), resolved))
+    commands.append({"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                     "tllab": tllab.__version__, "git_commit": _git("rev-parse", "HEAD"),
+                     "git_dirty": None if status is None else bool(status), "overrides": list(overrides),
+                     "hardware": hardware_class(cfg), "python": platform.python_version(),
+                     "torch": torch.__version__})
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps({"commands": commands}, indent=2) + "\n")
 
 
 def check_devices(cfg: TrainConfig) -> None:

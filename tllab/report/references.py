@@ -9,8 +9,11 @@ Each YAML file in ``tllab/report/references/`` holds a list of tables::
       values:                      # method -> task -> percent
         source only: {mnist→mnistm: 34.9}
 
-Optional keys: ``experiment`` (the preset whose runs the numbers belong to: the reference then
-applies only to tables of that preset's runs, so a MoCo table never gets the supervised numbers),
+Optional keys: ``recipe`` (config keys and the values the numbers were measured with, e.g.
+``{trainer.epochs: 3, trainer.max_steps: null}``: a cell whose runs differ in one of them shows the
+reference marked "recipe differs" and no delta), ``experiment`` (the preset whose runs the numbers
+belong to: the reference then applies only to tables of that preset's runs, so a MoCo table never
+gets the supervised numbers),
 ``selection`` (how the source chose its checkpoint, printed under the table) and ``paper``
 (method -> the original paper's average over tasks, printed under the table).
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -40,6 +44,11 @@ class Reference:
     experiment: str | None = None
     selection: str | None = None
     paper: dict[str, float] | None = None
+    recipe: dict[str, Any] | None = None
+
+    def differences(self, config: dict[str, Any]) -> list[str]:
+        """``key=value`` for each recipe key a run's flat config does not follow."""
+        return [f"{k}={config.get(k)}" for k, v in (self.recipe or {}).items() if config.get(k) != v]
 
     def caption(self) -> str:
         """The line printed under a table that uses this reference."""
@@ -60,7 +69,7 @@ def load_references(paths: list[Path] | None = None) -> list[Reference]:
                 paper = {m: float(v) for m, v in entry["paper"].items()} if entry.get("paper") else None
                 refs.append(Reference(entry["source"], entry["dataset"], entry["setting"],
                                       entry.get("metric", "target_test/acc"), values, entry.get("experiment"),
-                                      entry.get("selection"), paper))
+                                      entry.get("selection"), paper, entry.get("recipe")))
         except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError, ValueError) as e:
             raise SystemExit(f"tllab: error: {path} is not a reference file ({type(e).__name__}: {e}); "
                              "see tllab/report/references.py for the format.") from e

@@ -31,6 +31,14 @@ class Run:
     config: dict[str, Any]
     records: list[dict[str, Any]] = field(default_factory=list)
     error: str = ""
+    provenance: list[dict[str, Any]] = field(default_factory=list)  # one entry per start/resume
+    duplicate_of: Path | None = None  # set by the tables: a run of the same config and seed counted instead
+
+    @property
+    def commits(self) -> list[str]:
+        """The git commits (``abc1234``, ``+dirty`` when the checkout had changes) that trained it."""
+        return list(dict.fromkeys(f"{c['git_commit'][:7]}{'+dirty' if c.get('git_dirty') else ''}"
+                                  for c in self.provenance if c.get("git_commit")))
 
 
 def load_run(run_dir: Path) -> Run:
@@ -50,7 +58,15 @@ def load_run(run_dir: Path) -> Run:
         state, error = "failed", (error_file.read_text().splitlines() or [""])[0]
     else:
         state, error = "incomplete", ""
-    return Run(run_dir, state, group_keys(typed), config, records, error)
+    return Run(run_dir, state, group_keys(typed), config, records, error, _provenance(run_dir))
+
+
+def _provenance(run_dir: Path) -> list[dict[str, Any]]:
+    """The commands that trained the run (``provenance.json``; empty for runs made before it existed)."""
+    try:
+        return json.loads((run_dir / "provenance.json").read_text())["commands"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return []
 
 
 def find_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:

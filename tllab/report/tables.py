@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from statistics import mean, stdev
 
+from scipy.stats import t as student_t
+
 from tllab.report.references import Reference
 from tllab.report.runs import Run
 from tllab.report.selection import SelectionRule
@@ -45,6 +47,19 @@ class Cell:
     def sem(self) -> float:
         return self.std / math.sqrt(self.n) if self.n > 1 else math.nan
 
+    @property
+    def ci95(self) -> tuple[float, float]:
+        """95% confidence interval of the mean over seeds (Student t, n - 1 degrees of freedom);
+        NaNs for one seed."""
+        if self.n < 2:
+            return math.nan, math.nan
+        half = student_t.ppf(0.975, self.n - 1) * self.sem
+        return self.mean - half, self.mean + half
+
+    def minus(self, other: Cell) -> Cell:
+        """Seed-wise differences ``self - other`` over the seeds both have (a paired comparison)."""
+        return Cell({s: v - other.values[s] for s, v in self.values.items() if s in other.values})
+
 
 @dataclass
 class Table:
@@ -56,6 +71,10 @@ class Table:
     metric: str
     cells: dict[tuple[str, str], Cell] = field(default_factory=dict)
     refs: dict[tuple[str, str], Reference] = field(default_factory=dict)
+    # (method, task) -> the recipe keys its runs do not share with the reference's recipe
+    ref_differs: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    runs: list[Run] = field(default_factory=list)
+    duplicates: list[Run] = field(default_factory=list)  # finished runs not counted: same cell and seed
 
     @property
     def name(self) -> str:
@@ -105,20 +124,31 @@ def build_tables(runs: list[Run], rules: list[SelectionRule], metric: str,
         for rule in rules:
             if not any(rule.applies(run.records) for run in group):
                 continue
-            table = Table(dataset, setting, rule, metric)
-            for run in group:
-                cell = table.cells.setdefault((run.keys["method"], run.keys["task"]), Cell())
+            table = Table(dataset, setting, rule, metric, runs=group)
+            counted: dict[tuple[str, str, int], Run] = {}
+            for run in group:  # sorted by run dir: of two runs with one config and seed, the first counts
+                key = (run.keys["method"], run.keys["task"], run.keys["seed"])
+                cell = table.cells.setdefault(key[:2], Cell())
                 chosen = rule.select(run.records) if run.state == "done" else None
                 if run.state == "failed":
                     cell.failed += 1
                 elif chosen is None or metric not in chosen:
                     cell.incomplete += 1
+                elif key in counted:
+                    run.duplicate_of = counted[key].dir
+                    table.duplicates.append(run)
                 else:
-                    cell.values[run.keys["seed"]] = 100 * chosen[metric]
+                    counted[key] = run
+                    cell.values[key[2]] = 100 * chosen[metric]
             experiments = {run.keys.get("experiment") for run in group}
             for ref in references:
                 if (ref.dataset == dataset and ref.setting == setting and ref.metric == metric
                         and (ref.experiment is None or ref.experiment in experiments)):
                     table.refs.update({(m, t): ref for m, t in ref.values})
+            for (m, t), ref in table.refs.items():
+                differs = {d for (rm, rt, _), run in counted.items() if (rm, rt) == (m, t)
+                           for d in ref.differences(run.config)}
+                if differs:
+                    table.ref_differs[(m, t)] = sorted(differs)
             tables.append(table)
     return tables
