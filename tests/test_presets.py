@@ -4,6 +4,7 @@ number names a method and task the preset's runs produce."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ from tllab.keys import group_keys
 from tllab.report.references import BUILTIN, load_references
 from tllab.sweep import expand_grid
 from tllab.train import resolve_config, run
+
+ROOT = Path(__file__).parents[1]
 
 CONFIGS = Path(__file__).parents[1] / "tllab" / "configs"
 PRESETS = sorted(p.stem for p in (CONFIGS / "experiment").glob("table_*.yaml") if "digits" not in p.stem)
@@ -113,3 +116,25 @@ def test_preset_runs_two_steps_on_a_fixture_of_its_dataset(preset, planted, tmp_
     summary = run(compose_config(overrides), tmp_path / "run")
     assert summary["steps"] == 2 and 0 <= summary["final"]["target_test/acc"] <= 1
     assert "target_test/acc_per_class_mean" in summary["final"]
+
+
+@pytest.mark.parametrize(("args", "sweep", "out"), [
+    ([], "outputs/sweeps/table_digits_da", "docs/results/digits_da"),
+    (["--jobs", "2", "trainer.quiet=true", "hydra.launcher.partition=gpu"], "outputs/sweeps/table_digits_da",
+     "docs/results/digits_da"),  # how the jobs run, not what they compute
+    (["trainer.max_steps=10"], "outputs/sweeps/table_digits_da-custom", "outputs/reports/digits_da"),
+    (["trainer.max_steps=10", "--publish"], "outputs/sweeps/table_digits_da", "docs/results/digits_da"),
+])
+def test_table_scripts_write_docs_results_only_with_the_recipe_or_publish(args, sweep, out):
+    script = 'source scripts/lib/table_dirs.sh; table_dirs table_digits_da "$@"; echo "$SWEEP|$OUT|${ARGS[*]}"'
+    done = subprocess.run(["bash", "-c", script, "_", *args], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == f"{sweep}|{out}|{' '.join(a for a in args if a != '--publish')}"
+    assert ("pass --publish" in done.stderr) == (out.startswith("outputs/"))
+
+
+def test_every_table_script_chooses_its_dirs_through_table_dirs():
+    for script in (ROOT / "scripts").glob("table*.sh"):
+        text = script.read_text()
+        assert "table_dirs" in text or "table.sh" in text, script.name
+        code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+        assert "docs/results" not in code, script.name  # never a hard-coded output dir

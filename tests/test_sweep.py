@@ -31,7 +31,7 @@ def test_job_id_ignores_order_spelling_and_result_neutral_keys():
     base = job_id(["seed=0", "optim.lr=0.001", "norm=none"])
     assert job_id(["norm=none", "optim.lr=1e-3", "seed=0"]) == base
     assert job_id(["seed=0", "optim.lr=0.001", "norm=none", "trainer.quiet=true", "logger.group=x",
-                   "hydra.sweep.subdir=abc", "trainer.eval_batch_size=64"]) == base
+                   "hydra.sweep.subdir=abc", "trainer.eval_batch_size=64", "trainer.eval_every=10"]) == base
     assert job_id(["seed=1", "optim.lr=0.001", "norm=none"]) != base
     assert job_id(["seed=0", "optim.lr=0.01", "norm=none"]) != base
     assert re.fullmatch(r"[0-9a-f]{12}", base)
