@@ -23,12 +23,18 @@ A sweep is a Hydra multirun (``tllab-train -m ...``) run by tllab's sweeper
 Jobs run through any Hydra launcher: ``basic`` (one after another, in this process), ``joblib``
 (parallel on this machine) or ``slurm`` (submitit).
 
+Jobs planned by mistake leave the sweep with ``forget``: its overrides make a grid as ``launch``'s
+do, and the planned jobs of that grid leave the manifest and lose their dirs, so neither ``status``
+nor a report lists them again. A job with results (``done``) is forgotten only with
+``--with-results``; a running one never.
+
 Usage::
 
     tllab-sweep launch outputs/sweeps/da experiment=digits_source_only seed=0,1,2 dataset.target=[mnistm],[uci]
     tllab-sweep launch outputs/sweeps/da --launcher joblib --jobs 2 ...   # same jobs, 2 at a time
     tllab-sweep status outputs/sweeps/da
-    tllab-sweep delete-incomplete outputs/sweeps/da --yes
+    tllab-sweep forget outputs/sweeps/da experiment=digits_source_only seed=2 dataset.target=[mnistm],[uci]
+    tllab-sweep delete-incomplete outputs/sweeps/da --yes [--forget]
 """
 
 from __future__ import annotations
@@ -39,13 +45,17 @@ import json
 import shutil
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tllab import lock
 from tllab.launch import RESUMABLE_KEYS
 from tllab.loggers import write_json_atomic
+
+if TYPE_CHECKING:
+    from hydra.core.config_loader import ConfigLoader
 
 MANIFEST = "sweep.json"
 STATES = ("done", "running", "failed", "incomplete", "pending")
@@ -92,6 +102,51 @@ def expand_grid(grid: Sequence[Sequence[str]], rows: dict[str, Sequence[str]] | 
         for row in (rows or {"": []}).values():
             jobs.append([*(o for o in row if _key(o) not in values), *job])
     return jobs
+
+
+def sweep_grid(arguments: Sequence[str], params: Mapping[str, str] | None = None,
+               rows: Mapping[str, Sequence[str] | None] | None = None, distinct: Sequence[str] = (),
+               config_loader: ConfigLoader | None = None) -> list[list[str]]:
+    """The jobs of a sweep: Hydra's sweep syntax in ``params`` (a preset's ``hydra.sweeper.params``)
+    and ``arguments`` (the command line's, whose values replace params'), expanded as Hydra's basic
+    sweeper does, then by :func:`expand_grid` with the preset's ``rows`` (a row set to null is
+    dropped: a preset building on another removes that preset's row) and ``distinct`` keys.
+    ``config_loader`` expands ``glob(...)`` over a group's options."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create(config_loader=config_loader)
+    overrides = parser.parse_overrides([*(f"{k}={v}" for k, v in (params or {}).items()), *arguments])
+    kept_rows = {name: list(row) for name, row in (rows or {}).items() if row is not None}
+    return expand_grid(BasicSweeper.split_arguments(overrides, None)[0], kept_rows, distinct)
+
+
+def compose_grid(overrides: Sequence[str]) -> list[list[str]]:
+    """The jobs ``tllab-sweep launch DIR overrides`` plans, without launching: the multirun config is
+    composed as Hydra composes it (comma lists left out) for the sweeper settings of a preset.
+
+    Raises:
+        TllabError: the overrides do not compose (Hydra's message).
+    """
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from tllab.errors import TllabError
+    from tllab.schema import register_configs
+
+    register_configs()
+    with initialize_config_module(config_module="tllab.configs", version_base="1.3"):
+        hydra = GlobalHydra.instance().hydra
+        try:
+            cfg = hydra.compose_config("train", list(overrides), run_mode=RunMode.MULTIRUN)
+            sweeper = OmegaConf.to_container(cfg.hydra.sweeper)
+            return sweep_grid(list(cfg.hydra.overrides.task), sweeper.get("params"), sweeper.get("rows"),
+                              sweeper.get("distinct") or (), hydra.config_loader)
+        except HydraException as e:
+            raise TllabError(" ".join(str(e).split())) from e
 
 
 def job_id(overrides: Sequence[str]) -> str:
@@ -142,10 +197,24 @@ def plan(sweep_dir: Path, grid: Sequence[Sequence[str]]) -> list[Job]:
         job = jobs.setdefault(jid, Job(jid, list(overrides), sweep_dir / jid))
         if job not in planned:
             planned.append(job)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    manifest = {"jobs": [{"id": j.id, "overrides": j.overrides} for j in jobs.values()]}
-    write_json_atomic(sweep_dir / MANIFEST, manifest)
+    write_manifest(sweep_dir, jobs.values())
     return planned
+
+
+def write_manifest(sweep_dir: Path, jobs: Iterable[Job]) -> None:
+    """Replace the sweep's manifest by ``jobs``, atomically (a reader never sees half a manifest)."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(sweep_dir / MANIFEST, {"jobs": [{"id": j.id, "overrides": j.overrides} for j in jobs]})
+
+
+def forget(sweep_dir: Path, jobs: Sequence[Job]) -> None:
+    """Take ``jobs`` out of the manifest, then delete their dirs: neither ``status`` nor a report
+    (which reads every run dir under the sweep dir) lists them again."""
+    ids = {job.id for job in jobs}
+    write_manifest(sweep_dir, [job for job in load_jobs(sweep_dir) if job.id not in ids])
+    for job in jobs:
+        if job.dir.exists():
+            shutil.rmtree(job.dir)
 
 
 def load_jobs(sweep_dir: Path) -> list[Job]:
@@ -179,28 +248,65 @@ def format_jobs(jobs: Sequence[Job], states: Sequence[str] = ("failed", "incompl
 
 def _launch(args: argparse.Namespace) -> None:
     from tllab.errors import TllabError
-    from tllab.train import check_command_line, hydra_main
+    from tllab.train import check_arguments, hydra_main
 
-    try:
-        check_command_line(args.overrides)
-    except TllabError as e:
-        raise SystemExit(f"tllab: error: {e}") from None
+    if args.config_dir:
+        raise SystemExit("tllab: error: tllab-sweep takes no --config-dir or --config-path: put the dir of your "
+                         "configs on TLLAB_CONFIG_PATH=DIR (then launch, forget and every job find them) or add "
+                         "hydra.searchpath=[file:///absolute/DIR] to the overrides.")
     argv = ["-m", f"hydra.sweep.dir={args.dir}"]
     launcher = args.launcher or ("joblib" if args.jobs else None)
     if launcher:
         argv.append(f"hydra/launcher={launcher}")
     if args.jobs:
         argv.append(f"hydra.launcher.n_jobs={args.jobs}")
-    sys.argv = ["tllab-train", *argv, *args.overrides]
+    argv += args.overrides
+    try:
+        check_arguments(argv)
+    except TllabError as e:
+        raise SystemExit(f"tllab: error: {e}") from None
+    sys.argv = ["tllab-train", *argv]
     hydra_main()
 
 
-def _status(args: argparse.Namespace) -> None:
-    jobs = load_jobs(args.dir)
+def _planned_jobs(sweep_dir: Path) -> list[Job]:
+    jobs = load_jobs(sweep_dir)
     if not jobs:
-        raise SystemExit(f"tllab: error: {args.dir} holds no sweep ({MANIFEST} is missing); "
+        raise SystemExit(f"tllab: error: {sweep_dir} holds no sweep ({MANIFEST} is missing or lists no job); "
                          "start one with tllab-sweep launch DIR OVERRIDES...")
-    print(format_jobs(jobs, STATES if args.all else ("failed", "running", "incomplete", "pending")))
+    return jobs
+
+
+def _status(args: argparse.Namespace) -> None:
+    print(format_jobs(_planned_jobs(args.dir), STATES if args.all else ("failed", "running", "incomplete", "pending")))
+
+
+def _forget(args: argparse.Namespace) -> None:
+    from tllab.errors import TllabError
+
+    planned = _planned_jobs(args.dir)
+    try:
+        ids = {job_id(overrides) for overrides in compose_grid(args.overrides)}
+    except TllabError as e:
+        raise SystemExit(f"tllab: error: {e}") from None
+    doomed = [job for job in planned if job.id in ids]
+    if not doomed:
+        raise SystemExit(f"tllab: error: none of the {len(ids)} jobs of this grid is planned in {args.dir}; give the "
+                         f"overrides of the launch, narrowed to the jobs to forget (tllab-sweep status {args.dir} "
+                         "--all lists the planned ones).")
+    states = {job.id: job.state for job in doomed}
+    counts = Counter(states.values())
+    if counts["running"]:
+        raise SystemExit(f"tllab: error: {counts['running']} of these jobs are running (tllab-sweep status "
+                         f"{args.dir}); nothing forgotten: stop them, or wait for them to end, then forget them.")
+    if counts["done"] and not args.with_results:
+        raise SystemExit(f"tllab: error: {counts['done']} of these jobs are done; nothing forgotten: pass "
+                         "--with-results to forget them too and delete their results.")
+    forget(args.dir, doomed)
+    started = len(doomed) - counts["pending"]
+    print(f"forgot {len(doomed)} of the sweep's {len(planned)} jobs" + (f", deleted {started} dirs" if started else ""))
+    for job in doomed:
+        print(f"  {states[job.id]:<10} {job.id}  {' '.join(job.overrides)}")
 
 
 def _delete_incomplete(args: argparse.Namespace) -> None:
@@ -211,6 +317,10 @@ def _delete_incomplete(args: argparse.Namespace) -> None:
     print(format_jobs(doomed))
     if not args.yes and (not sys.stdin.isatty() or input("delete these job dirs? [y/N] ").lower() != "y"):
         raise SystemExit("nothing deleted (pass --yes to delete without asking)")
+    if args.forget:
+        forget(args.dir, doomed)
+        print(f"deleted and forgot {len(doomed)} jobs; a launch of their grid plans them again")
+        return
     for job in doomed:
         shutil.rmtree(job.dir)
     print(f"deleted {len(doomed)} job dirs; launch the sweep again to rerun them")
@@ -224,19 +334,26 @@ def main(argv: list[str] | None = None) -> None:
     launch.add_argument("dir", type=Path, help="sweep dir (fixed, so that a relaunch finds its jobs)")
     launch.add_argument("--launcher", choices=["basic", "joblib", "slurm"], help="Hydra launcher (default: basic)")
     launch.add_argument("--jobs", type=int, help="jobs at a time (implies --launcher joblib)")
+    launch.add_argument("--config-dir", "-cd", "--config-path", "-cp", help=argparse.SUPPRESS)  # refused: one line
     launch.add_argument("overrides", nargs="*", help="tllab-train overrides; comma lists make the grid")
     status = sub.add_parser("status", help="count jobs by state and list the unfinished ones")
     status.add_argument("dir", type=Path)
     status.add_argument("--all", action="store_true", help="list finished jobs too")
+    forget_cmd = sub.add_parser("forget", help="take jobs planned by mistake out of the sweep (manifest and job dirs)")
+    forget_cmd.add_argument("dir", type=Path)
+    forget_cmd.add_argument("--with-results", action="store_true", help="forget finished jobs too, deleting results")
+    forget_cmd.add_argument("overrides", nargs="+", help="the launch's overrides, narrowed to the jobs to forget")
     delete = sub.add_parser("delete-incomplete", help="delete the dirs of failed and incomplete jobs")
     delete.add_argument("dir", type=Path)
     delete.add_argument("--yes", action="store_true", help="do not ask")
+    delete.add_argument("--forget", action="store_true", help="drop them from the manifest too (no longer listed)")
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "launch":
+    if rest and args.command not in ("launch", "forget"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command == "launch":
+    if args.command in ("launch", "forget"):
         args.overrides += rest  # overrides may follow options: launch DIR --jobs 2 seed=0,1
-    {"launch": _launch, "status": _status, "delete-incomplete": _delete_incomplete}[args.command](args)
+    commands = {"launch": _launch, "status": _status, "forget": _forget, "delete-incomplete": _delete_incomplete}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

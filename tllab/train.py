@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -31,6 +33,7 @@ from tllab.schema import TrainConfig, check_known_keys, register_configs, valida
 
 log = logging.getLogger("tllab")
 register_configs()
+SLURM_LAUNCHERS = ("slurm", "submitit_slurm")  # tllab's and hydra-submitit-launcher's
 
 
 def resolve_config(cfg: DictConfig) -> tuple[TrainConfig, dict[str, Any]]:
@@ -152,24 +155,37 @@ def _train_and_report(cfg: DictConfig, run_dir: Path, multirun: bool) -> float |
     return summary["best"]["metrics"].get(f"{sel}/acc") if sel else None
 
 
-def check_command_line(overrides: list[str]) -> None:
-    """What Hydra reports badly, in one line before it starts: an unknown option inside a list
-    (``norm=[adabn,foonorm]``; Hydra names a group's options only for a single one), and a run or
-    sweep dir it cannot create (a file, a path under a file, a read-only folder).
+def check_command_line(overrides: list[str], config_dir: str | None = None) -> None:
+    """What Hydra reports badly, in one line before it starts: an unknown option inside a list or
+    a sweep (``norm=[adabn,foonorm]``, ``norm=adabn,foonorm``; Hydra names a group's options only
+    for a single one, and a sweep would plan the bad jobs before failing), a run or sweep dir it
+    cannot create (a file, a path under a file, a read-only folder), a ``TLLAB_CONFIG_PATH`` entry
+    that does not exist (Hydra skips it silently), and the SLURM launcher where there is no
+    SLURM (submitit fails with a traceback).
+
+    Args:
+        overrides: the command line's overrides.
+        config_dir: Hydra's ``--config-dir``, a config dir searched besides tllab's own.
 
     Raises:
-        ConfigError: naming the unknown option and the available ones, or the unusable dir.
+        ConfigError: naming the unknown option and the available ones, the unusable dir or entry,
+            or the launchers that work here.
     """
     from hydra._internal.config_repository import ConfigRepository
     from hydra._internal.utils import create_config_search_path
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
     from hydra.errors import HydraException
+
+    from hydra_plugins.tllab_searchpath.tllab_searchpath import ENV
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException:
         return  # Hydra reports the syntax error itself
     search_path = create_config_search_path("pkg://tllab.configs")
+    if config_dir:
+        search_path.append("command-line", f"file://{Path(config_dir).absolute()}")
     for o in parsed:
         if o.get_key_element() == "hydra.searchpath" and isinstance(o.value(), list):
             for path in o.value():
@@ -177,16 +193,49 @@ def check_command_line(overrides: list[str]) -> None:
     for o in parsed:
         if o.get_key_element() in ("hydra.run.dir", "hydra.sweep.dir"):
             check_writable_dir(Path(str(o.value())), o.get_key_element())
+        if o.get_key_element() == "hydra/launcher" and o.value() in SLURM_LAUNCHERS and shutil.which("srun") is None:
+            raise ConfigError(f"hydra/launcher={o.value()} submits SLURM jobs, but this machine has no SLURM (srun is "
+                              "not on PATH); launch from a SLURM login node, or run here with hydra/launcher=joblib "
+                              "or basic (tllab-sweep launch: --launcher joblib|basic).")
     repo = ConfigRepository(search_path)
+    for source in repo.get_sources():
+        if source.provider == ENV and not source.available():
+            raise ConfigError(f"{ENV} names {source.full_path()}, which is not a config dir or an importable module; "
+                              f"fix {ENV} (entries joined by {os.pathsep!r}).")
     for o in parsed:
-        group, value = o.key_or_group, o.value()
-        if not isinstance(value, list) or o.package or not repo.group_exists(group):
+        group, value = o.key_or_group, o.value()  # a sweep's choices may be lists: norm=[adabn,afn],[mixstyle]
+        choices = value.list if isinstance(value, ChoiceSweep) else [value] if isinstance(value, list) else []
+        options = [option for choice in choices for option in (choice if isinstance(choice, list) else [choice])]
+        if not options or o.package or not repo.group_exists(group):
             continue
-        options = repo.get_group_options(group)
-        for option in value:
-            if str(option) not in options:
-                raise ConfigError(f"{group}={o.get_value_element_as_str()}: {option!r} is not an option of {group}; "
-                                  f"available: {', '.join(options)}.")
+        available = repo.get_group_options(group)
+        for option in options:
+            if str(option) not in available:
+                raise ConfigError(f"{o.input_line}: {option!r} is not an option of {group}; "
+                                  f"available: {', '.join(available)}.")
+
+
+def check_arguments(argv: list[str]) -> None:
+    """Hydra's own parse of ``argv`` (flags and overrides), refusing in one line what Hydra answers
+    with a traceback (two commands such as ``-m --cfg job``) or what would lose tllab's configs
+    (``--config-path``), then :func:`check_command_line`.
+
+    Raises:
+        ConfigError: naming the fix.
+    """
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_args(argv)
+    commands = [flag for flag, given in [("--run", args.run), ("-m", args.multirun), (f"--cfg {args.cfg}", args.cfg),
+                                        (f"--info {args.info}", args.info is not None),
+                                        ("--shell-completion", args.shell_completion)] if given]
+    if len(commands) > 1:
+        raise ConfigError(f"{' and '.join(commands)} cannot be combined; give one of them (to print the config of a "
+                          "job of a sweep: --cfg job without -m, one value per key).")
+    if args.config_path:
+        raise ConfigError("--config-path would replace tllab's own configs; add a dir of your own configs with "
+                          "--config-dir DIR or TLLAB_CONFIG_PATH=DIR (see README, Adding a method).")
+    check_command_line(args.overrides, args.config_dir)
 
 
 def main() -> None:
@@ -196,7 +245,7 @@ def main() -> None:
         sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled",
                      "hydra/hydra_logging=disabled"]
     try:
-        check_command_line([a for a in sys.argv[1:] if not a.startswith("-")])
+        check_arguments(sys.argv[1:])
     except TllabError as e:
         print(f"tllab: error: {e}", file=sys.stderr)
         sys.exit(1)

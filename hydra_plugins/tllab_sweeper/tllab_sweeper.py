@@ -13,16 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional  # noqa: UP035 - OmegaConf reads these annotations at runtime
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from tllab.errors import RunDirRefused
-from tllab.sweep import expand_grid, format_jobs, plan, subdir_override
+from tllab.sweep import format_jobs, plan, subdir_override, sweep_grid
 
 log = logging.getLogger("tllab")
 
@@ -47,9 +45,7 @@ class TllabSweeper(Sweeper):
 
     def __init__(self, params: dict[str, str] | None = None, rows: dict[str, list[str]] | None = None,
                  distinct: list[str] | None = None) -> None:
-        self.params = dict(params or {})
-        self.rows = {k: list(v) for k, v in (rows or {}).items() if v is not None}
-        self.distinct = list(distinct or [])
+        self.params, self.rows, self.distinct = params, rows, list(distinct or [])
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
@@ -59,9 +55,7 @@ class TllabSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> Any:
-        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        overrides = parser.parse_overrides([*(f"{k}={v}" for k, v in self.params.items()), *arguments])
-        grid = expand_grid(BasicSweeper.split_arguments(overrides, None)[0], self.rows, self.distinct)
+        grid = sweep_grid(arguments, self.params, self.rows, self.distinct, self.hydra_context.config_loader)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         jobs = plan(sweep_dir, grid)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")

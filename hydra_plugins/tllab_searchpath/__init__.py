@@ -1,0 +1,1 @@
+"""tllab's Hydra search-path plug-in (see tllab_searchpath.py)."""
