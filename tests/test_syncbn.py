@@ -9,12 +9,24 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
+import tllab.nn.syncbn as syncbn
 from tests.dist_helpers import run_gloo
-from tllab.nn import DistSyncBatchNorm, SyncBatchNorm, batch_norm, convert_sync_batchnorm, revert_sync_batchnorm
+from tllab.nn import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    DistSyncBatchNorm,
+    SyncBatchNorm,
+    batch_norm,
+    convert_sync_batchnorm,
+    revert_sync_batchnorm,
+)
 
 SPLITS = [(8, 8), (5, 11), (1, 15), (0, 16)]
 STEPS = 2
+SLOPE = 0.2
 
 
 def make_data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,28 +37,39 @@ def make_data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.randn(16, 3, 4, 5, generator=g, dtype=torch.float64)
 
 
+def train(layer: nn.Module, split: tuple[int, ...], rank: int) -> dict[str, torch.Tensor]:
+    """STEPS steps of ``layer`` (a BatchNorm, or a module holding one) on shard ``rank`` of ``split``
+    of the 16 images: the last output, the gradients and the BatchNorm's running statistics. In the
+    workers it is one rank's part; with ``split=(16,)`` the one-process reference."""
+    bn = next(m for m in layer.modules() if isinstance(m, _BatchNorm))
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 2.0, -0.5]))
+        bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    lo = sum(split[:rank])
+    shard = slice(lo, lo + split[rank])
+    for step in range(STEPS):
+        x, grad = make_data(step)
+        xs = x[shard].clone().requires_grad_()
+        layer.zero_grad()
+        y = layer(xs)
+        (y * grad[shard]).sum().backward()
+    return {"y": y.detach(), "dx": xs.grad, "dw": bn.weight.grad, "db": bn.bias.grad, "mean": bn.running_mean,
+            "var": bn.running_var, "tracked": bn.num_batches_tracked}
+
+
 def sync_worker(rank: int, world: int, out_dir: str, momentum: float | None) -> None:
     results = {}
     for split in SPLITS:
         layer = SyncBatchNorm(3, momentum=momentum).double()
-        with torch.no_grad():
-            layer.weight.copy_(torch.tensor([1.0, 2.0, -0.5]))
-            layer.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
-        lo = sum(split[:rank])
-        for step in range(STEPS):
-            x, grad = make_data(step)
-            xs = x[lo:lo + split[rank]].clone().requires_grad_()
-            layer.zero_grad()
-            y = layer(xs)
-            (y * grad[lo:lo + split[rank]]).sum().backward()
-        results[split] = {"y": y.detach(), "dx": xs.grad, "dw": layer.weight.grad, "db": layer.bias.grad,
-                          "mean": layer.running_mean, "var": layer.running_var,
-                          "tracked": layer.num_batches_tracked}
-    # Eval mode: no collective at all, and plain BatchNorm's output.
+        results[split] = train(layer, split, rank)
+    leaky = SyncBatchNorm(3, momentum=momentum, activation="leaky_relu", slope=SLOPE).double()
+    results["leaky"] = train(leaky, SPLITS[1], rank)
+    # From here on: no collective, and no exchange of statistics at all.
     calls = []
-    for name in ("all_gather", "all_reduce", "broadcast"):
-        original = getattr(dist, name)
-        setattr(dist, name, lambda *a, _o=original, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
+    for owner, name in ((dist, "all_gather"), (dist, "all_reduce"), (dist, "broadcast"), (syncbn, "_all_gather")):
+        original = getattr(owner, name)
+        setattr(owner, name, lambda *a, _o=original, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
+    results["local"] = train(SyncBatchNorm(3, momentum=momentum, sync=False).double(), SPLITS[1], rank)
     layer.eval()
     results["eval"] = (layer(make_data(0)[0][:4]), list(calls))
     # float32 data with mean 1e3 and std 1e-2: a one-pass E[x^2] - E[x]^2 would lose the variance.
@@ -57,45 +80,58 @@ def sync_worker(rank: int, world: int, out_dir: str, momentum: float | None) -> 
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
+def assert_equal_results(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], keys: tuple[str, ...]) -> None:
+    for key in keys:
+        torch.testing.assert_close(got[key], want[key], atol=1e-10, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
+
+
 @pytest.mark.parametrize(("momentum", "host_exchange"), [(0.1, "1"), (None, "1"), (0.1, "0")])
 def test_syncbn_matches_batchnorm_on_concatenated_batch(tmp_path, momentum, host_exchange, monkeypatch):
     # host_exchange "1": statistics through shared memory (same machine); "0": through gloo.
     monkeypatch.setenv("TLLAB_HOST_EXCHANGE", host_exchange)
     run_gloo(sync_worker, 2, tmp_path, str(tmp_path), momentum)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    for split in SPLITS:
-        ref = nn.BatchNorm2d(3, momentum=momentum).double()
-        with torch.no_grad():
-            ref.weight.copy_(torch.tensor([1.0, 2.0, -0.5]))
-            ref.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
-        for step in range(STEPS):
-            x, grad = make_data(step)
-            x.requires_grad_()
-            ref.zero_grad()
-            y = ref(x)
-            (y * grad).sum().backward()
+    cases = [(split, split, nn.BatchNorm2d(3, momentum=momentum)) for split in SPLITS]
+    cases.append(("leaky", SPLITS[1], nn.Sequential(nn.BatchNorm2d(3, momentum=momentum), nn.LeakyReLU(SLOPE))))
+    for key, split, ref in cases:
+        want = train(ref.double(), (16,), 0)
         lo = 0
         for r in range(2):
-            got = ranks[r][split]
+            got = ranks[r][key]
             sl = slice(lo, lo + split[r])
             lo += split[r]
             assert got["y"].shape == (split[r], 3, 4, 5)
-            torch.testing.assert_close(got["y"], y[sl].detach(), atol=1e-10, rtol=0)
-            torch.testing.assert_close(got["dx"], x.grad[sl], atol=1e-10, rtol=0)
-            torch.testing.assert_close(got["mean"], ref.running_mean, atol=1e-10, rtol=0)
-            torch.testing.assert_close(got["var"], ref.running_var, atol=1e-10, rtol=0)
-            assert got["tracked"].item() == STEPS
+            assert_equal_results(got, {**want, "y": want["y"][sl], "dx": want["dx"][sl]},
+                                 ("y", "dx", "mean", "var", "tracked"))
         # data-parallel training sums the per-rank parameter gradients
-        torch.testing.assert_close(ranks[0][split]["dw"] + ranks[1][split]["dw"], ref.weight.grad, atol=1e-10, rtol=0)
-        torch.testing.assert_close(ranks[0][split]["db"] + ranks[1][split]["db"], ref.bias.grad, atol=1e-10, rtol=0)
+        torch.testing.assert_close(ranks[0][key]["dw"] + ranks[1][key]["dw"], want["dw"], atol=1e-10, rtol=0)
+        torch.testing.assert_close(ranks[0][key]["db"] + ranks[1][key]["db"], want["db"], atol=1e-10, rtol=0)
+    # sync=False: each rank is a BatchNorm of its own shard, parameter gradients included.
+    for r in range(2):
+        assert_equal_results(ranks[r]["local"], train(nn.BatchNorm2d(3, momentum=momentum).double(), SPLITS[1], r),
+                             ("y", "dx", "dw", "db", "mean", "var", "tracked"))
     out, calls = ranks[0]["eval"]
     assert calls == []
-    ref.eval()
+    ref = cases[len(SPLITS) - 1][2].eval()
     torch.testing.assert_close(out, ref(make_data(0)[0][:4]).detach(), atol=1e-10, rtol=0)
     x = torch.cat([1000 + 0.01 * torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(r))
                    for r in range(2)])
     true_var = x.double().var()
     assert abs(ranks[0]["robust"].item() - true_var.item()) / true_var.item() < 1e-2
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("slope", [0.01, 0.0, -0.3])
+def test_leaky_relu_equals_batchnorm_then_leaky_relu(slope, inplace):
+    layer = SyncBatchNorm(3, activation="leaky_relu", slope=slope, inplace=inplace).double()
+    ref = nn.Sequential(nn.BatchNorm2d(3), nn.LeakyReLU(slope)).double()
+    everything = ("y", "dx", "dw", "db", "mean", "var", "tracked")
+    assert_equal_results(train(layer, (16,), 0), train(ref, (16,), 0), everything)
+    assert_equal_results(train(layer.eval(), (16,), 0), train(ref.eval(), (16,), 0), everything)
+    # in place exactly where autograd allows it (a negative slope's in-place backward raises)
+    y = layer.train()(make_data(0)[0].requires_grad_())
+    assert (y._version > 0) == (inplace and slope >= 0)
+    assert "activation='leaky_relu'" in repr(layer)
 
 
 def test_single_process_is_plain_batchnorm():
@@ -107,6 +143,29 @@ def test_single_process_is_plain_batchnorm():
     torch.testing.assert_close(layer.running_var, ref.running_var, atol=0, rtol=0)
     assert DistSyncBatchNorm is SyncBatchNorm
     assert batch_norm(torch.randn(4, 3, 5, 5), nn.BatchNorm2d(3)).shape == (4, 3, 5, 5)
+    assert repr(layer) == repr(ref).replace("BatchNorm1d", "SyncBatchNorm")  # defaults add nothing
+    with pytest.raises(ValueError, match="activation must be 'none' or 'leaky_relu', got 'relu'"):
+        SyncBatchNorm(4, activation="relu")
+    with pytest.raises(TypeError):  # sync (PyTorch-Encoding) or affine (torch)? Keyword only.
+        SyncBatchNorm(4, 1e-5, 0.1, False)
+
+
+@pytest.mark.parametrize(("alias", "good", "bad"), [(BatchNorm1d, [(6, 3), (6, 3, 5)], (6, 3, 4, 5)),
+                                                    (BatchNorm2d, [(6, 3, 4, 5)], (6, 3, 5)),
+                                                    (BatchNorm3d, [(6, 3, 2, 4, 5)], (6, 3, 4, 5))])
+def test_deprecated_aliases_warn_build_syncbn_and_check_dims(alias, good, bad):
+    with pytest.warns(DeprecationWarning, match=rf"tllab.nn.{alias.__name__} is deprecated; use tllab.nn.Sync") as rec:
+        plain, leaky = alias(3), alias(3, momentum=None, activation="leaky_relu", slope=SLOPE)
+    assert {r.filename for r in rec} == {__file__}  # points at the caller
+    assert isinstance(leaky, SyncBatchNorm) and leaky.sync and leaky.momentum is None and leaky.slope == SLOPE
+    for shape in good:
+        x = torch.randn(shape)
+        torch.testing.assert_close(leaky(x), nn.functional.leaky_relu(getattr(nn, alias.__name__)(3)(x), SLOPE))
+    with pytest.raises(ValueError, match=rf"^expected [\dD or]+ input \(got {len(bad)}D input\)$"):
+        leaky(torch.randn(bad))
+    assert type(revert_sync_batchnorm(plain)) is getattr(nn, alias.__name__)
+    # no BatchNorm class applies a leaky ReLU: the layer stays, unsynchronized
+    assert revert_sync_batchnorm(leaky) is leaky and not leaky.sync
 
 
 class GatedBN(nn.BatchNorm2d):
@@ -148,7 +207,8 @@ def test_converter_keeps_parameters_buffers_and_subclass_extras():
     assert not model[3].sync
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert type(convert_sync_batchnorm(nn.BatchNorm3d(2))) is SyncBatchNorm
+    converted = convert_sync_batchnorm(nn.BatchNorm3d(2))
+    assert type(converted) is SyncBatchNorm and converted.sync and converted.activation == "none"
 
 
 def exchange_worker(rank: int, world: int, out_dir: str) -> None:

@@ -3,6 +3,9 @@
 
 from tllab.nn.batchnorm import batch_stats
 from tllab.nn.syncbn import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
     DistSyncBatchNorm,
     SyncBatchNorm,
     batch_norm,
@@ -10,5 +13,5 @@ from tllab.nn.syncbn import (
     revert_sync_batchnorm,
 )
 
-__all__ = ["DistSyncBatchNorm", "SyncBatchNorm", "batch_norm", "batch_stats", "convert_sync_batchnorm",
-           "revert_sync_batchnorm"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "DistSyncBatchNorm", "SyncBatchNorm", "batch_norm",
+           "batch_stats", "convert_sync_batchnorm", "revert_sync_batchnorm"]

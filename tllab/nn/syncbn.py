@@ -5,6 +5,10 @@ averages per-rank means without weighting them by the per-rank counts and uses a
 biased variance for the running statistics. This version combines per-rank ``(count, mean, M2)``
 with Chan's parallel formula in float64, so the batch statistics, the running statistics and
 every gradient equal those of ``BatchNorm`` on the concatenation of all ranks' batches.
+
+:class:`SyncBatchNorm` takes PyTorch-Encoding's ``sync``, ``activation`` (a leaky ReLU after the
+affine transform, in place where that is safe) and ``slope`` arguments; ``BatchNorm1d/2d/3d``
+here are that library's deprecated aliases of it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -144,34 +149,62 @@ def batch_norm(x: Tensor, bn: _BatchNorm, process_group: dist.ProcessGroup | Non
 
 
 class SyncBatchNorm(_BatchNorm):
-    r"""BatchNorm whose batch statistics are computed over all ranks, on any backend.
+    r"""BatchNorm whose batch statistics are computed over all ranks, on any backend, optionally
+    followed by a leaky ReLU (PyTorch-Encoding's activated SyncBN).
 
-    Same arguments, parameters and buffers as ``nn.BatchNorm{1,2,3}d`` plus ``process_group``;
-    works for any input of at least 2 dimensions. See :func:`batch_norm` for the exact
-    semantics. Outside a process group it is plain BatchNorm.
+    .. math:: y = f\left(\frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}}\,\gamma + \beta\right),
+              \quad f(z) = z \text{ or } \max(z, 0) + \text{slope} \cdot \min(z, 0)
+
+    with :math:`\mathrm{E}[x], \mathrm{Var}[x]` (biased) taken per channel over the batch and
+    spatial dimensions of all ranks' inputs (``sync=True``) or of this process's input only
+    (``sync=False``: plain BatchNorm even under DDP, no communication). Running statistics,
+    eval mode and the behaviour outside a process group are those of :func:`batch_norm`.
+
+    With ``inplace`` and ``slope >= 0`` the leaky ReLU overwrites the normalized output, which
+    saves one activation-sized tensor per layer over ``F.leaky_relu`` (that keeps its input for
+    the backward). This is safe: no BatchNorm backward (PyTorch's kernels, or the synchronized
+    one here) reads the normalized output, only :math:`x` and the statistics, and the in-place
+    leaky ReLU's backward finds the positive inputs from its output, positive exactly there when
+    ``slope >= 0`` (autograd refuses a negative slope in place, so that runs out of place). Unlike
+    PyTorch-Encoding's in-place ABN, :math:`x` is kept rather than recomputed from :math:`y` in
+    the backward: recomputing needs :math:`\gamma \neq 0` and would cost the gradients' exactness.
 
     Args:
         num_features: :math:`C`.
         eps: added to the variance. Default: 1e-5.
         momentum: running-statistics factor; ``None`` for a cumulative average. Default: 0.1.
-        affine: learnable :math:`\gamma, \beta`. Default: True.
-        track_running_stats: keep running mean/var. Default: True.
-        process_group: ranks to synchronize over. Default: all.
+        sync: synchronize the batch statistics over ``process_group``. Default: True.
+        activation: ``'none'`` or ``'leaky_relu'``. Default: ``'none'``.
+        slope: negative slope of the leaky ReLU. Default: 0.01.
+        inplace: apply the leaky ReLU in place (for ``slope >= 0``). Default: True.
+        affine: learnable :math:`\gamma, \beta` (keyword only). Default: True.
+        track_running_stats: keep running mean/var (keyword only). Default: True.
+        process_group: ranks to synchronize over (keyword only). Default: all.
+
+    All arguments after ``momentum`` are keyword-only: PyTorch-Encoding's fourth positional
+    argument is ``sync`` and ``nn.BatchNorm2d``'s is ``affine``, so a positional boolean would be
+    ambiguous.
 
     Shape:
         - Input: :math:`(N, C, *)`; Output: same shape.
 
     Example:
-        >>> layer = SyncBatchNorm(16)
+        >>> layer = SyncBatchNorm(16, activation="leaky_relu", slope=0.1)
         >>> layer(torch.randn(8, 16, 4, 4)).shape
         torch.Size([8, 16, 4, 4])
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+    reverts_to: type[_BatchNorm] = nn.BatchNorm2d  # the class revert_sync_batchnorm builds
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, *, sync: bool = True,
+                 activation: str = "none", slope: float = 0.01, inplace: bool = True, affine: bool = True,
                  track_running_stats: bool = True, process_group: dist.ProcessGroup | None = None,
                  device=None, dtype=None) -> None:
+        if activation not in ("none", "leaky_relu"):
+            raise ValueError(f"activation must be 'none' or 'leaky_relu', got {activation!r}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.process_group = process_group
+        self.sync, self.activation, self.slope, self.inplace = sync, activation, slope, inplace
 
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() < 2:
@@ -179,13 +212,59 @@ class SyncBatchNorm(_BatchNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
-        return batch_norm(x, self, self.process_group)
+        y = batch_norm(x, self, self.process_group) if self.sync else _BatchNorm.forward(self, x)
+        if self.activation == "none":
+            return y
+        return F.leaky_relu(y, self.slope, inplace=self.inplace and self.slope >= 0)
+
+    def extra_repr(self) -> str:
+        extra = "" if self.sync else ", sync=False"
+        if self.activation != "none":
+            extra += f", activation={self.activation!r}, slope={self.slope}, inplace={self.inplace}"
+        return super().extra_repr() + extra
+
+
+class _DeprecatedAlias(SyncBatchNorm):
+    """PyTorch-Encoding's ``BatchNorm{1,2,3}d``: a :class:`SyncBatchNorm` for inputs of
+    ``dims`` dimensions, whose construction warns."""
+
+    dims: tuple[int, ...]
+
+    def __init__(self, *args, **kwargs) -> None:
+        # DeprecationWarning, as PyTorch-Encoding: it addresses whoever writes the model code
+        # (shown in __main__ and under pytest), not the user of a finished application.
+        warnings.warn(f"tllab.nn.{type(self).__name__} is deprecated; use tllab.nn.SyncBatchNorm",
+                      DeprecationWarning, stacklevel=2)
+        super().__init__(*args, **kwargs)
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() not in self.dims:
+            raise ValueError(f"expected {' or '.join(f'{d}D' for d in self.dims)} input (got {x.dim()}D input)")
+
+
+class BatchNorm1d(_DeprecatedAlias):
+    """Deprecated: :class:`SyncBatchNorm` for :math:`(N, C)` or :math:`(N, C, L)` input."""
+
+    dims, reverts_to = (2, 3), nn.BatchNorm1d
+
+
+class BatchNorm2d(_DeprecatedAlias):
+    """Deprecated: :class:`SyncBatchNorm` for :math:`(N, C, H, W)` input."""
+
+    dims, reverts_to = (4,), nn.BatchNorm2d
+
+
+class BatchNorm3d(_DeprecatedAlias):
+    """Deprecated: :class:`SyncBatchNorm` for :math:`(N, C, D, H, W)` input."""
+
+    dims, reverts_to = (5,), nn.BatchNorm3d
 
 
 # PyTorch-Encoding's name for the same layer.
 DistSyncBatchNorm = SyncBatchNorm
 
 _PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_OURS = (SyncBatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d)
 
 
 def _moved(src: _BatchNorm, dst: _BatchNorm) -> _BatchNorm:
@@ -201,15 +280,17 @@ def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup |
     """Make every BatchNorm in ``module`` synchronize its batch statistics.
 
     Plain ``BatchNorm{1,2,3}d`` (and ``torch.nn.SyncBatchNorm``) become :class:`SyncBatchNorm`
-    sharing the same parameter and buffer objects. BatchNorm subclasses that set
-    ``supports_sync = True`` (and normalize through :func:`batch_norm` with their
+    sharing the same parameter and buffer objects, with no activation; existing
+    :class:`SyncBatchNorm` layers keep their settings, ``sync`` included. BatchNorm subclasses
+    that set ``supports_sync = True`` (and normalize through :func:`batch_norm` with their
     ``process_group`` attribute) keep their class and every extra parameter; the converter sets
     ``sync = True`` and ``process_group`` on them. Other subclasses are left as they are, with a
     warning. Returns the converted module (a new object only when ``module`` itself is a BN).
     """
     if type(module) in _PLAIN:
-        new = _moved(module, SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                           module.track_running_stats, process_group))
+        new = _moved(module, SyncBatchNorm(module.num_features, module.eps, module.momentum, affine=module.affine,
+                                           track_running_stats=module.track_running_stats,
+                                           process_group=process_group))
         new.reverts_to = type(module) if type(module) is not nn.SyncBatchNorm else nn.BatchNorm2d
         return new
     if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
@@ -225,13 +306,14 @@ def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup |
 
 def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     """Inverse of :func:`convert_sync_batchnorm`: each :class:`SyncBatchNorm` back to the class it
-    was converted from (``BatchNorm2d`` if it was built directly), flagged subclasses back to
-    ``sync = False``; parameters and buffers are shared, so ``state_dict`` values are unchanged."""
-    if type(module) is SyncBatchNorm:
-        cls = getattr(module, "reverts_to", nn.BatchNorm2d)
-        return _moved(module, cls(module.num_features, module.eps, module.momentum, module.affine,
-                                  module.track_running_stats))
-    if getattr(module, "supports_sync", False):
+    was converted from (``BatchNorm2d`` if it was built directly, ``BatchNorm{1,2,3}d`` for the
+    deprecated aliases), flagged subclasses back to ``sync = False``; parameters and buffers are
+    shared, so ``state_dict`` values are unchanged. A :class:`SyncBatchNorm` with an activation
+    has no plain BatchNorm equivalent: it stays, with ``sync = False``."""
+    if type(module) in _OURS and module.activation == "none":
+        return _moved(module, module.reverts_to(module.num_features, module.eps, module.momentum, module.affine,
+                                                module.track_running_stats))
+    if type(module) in _OURS or getattr(module, "supports_sync", False):
         module.sync, module.process_group = False, None
     for name, child in module.named_children():
         setattr(module, name, revert_sync_batchnorm(child))
