@@ -108,6 +108,9 @@ class Plugin(nn.Module):
     # A role only one plug-in of a run may take, e.g. "batchnorm" (replaces every BatchNorm) or
     # "head" (replaces the classifier head); two plug-ins with the same role are refused.
     exclusive: str | None = None
+    # Reads the backbone's pooled features through a hook on ``model.backbone`` (a source head on
+    # them): refused with ``backbone.head=encoding``, which reads the backbone's feature map instead.
+    reads_pooled_features: bool = False
 
     def transform_model(self, model: Classifier) -> Classifier:
         return model

@@ -80,6 +80,11 @@ class Strategy(Choice):
     ddp = "ddp"  # data parallel: one process per device, gradients averaged, optional SyncBN
 
 
+class HeadName(Choice):
+    linear = "linear"  # global pooling (the backbone's own), optional bottleneck, linear classifier
+    encoding = "encoding"  # Deep TEN: 1x1 conv, BN, ReLU, Encoding(head_dim, head_codes), L2-normalise, linear
+
+
 class ForwardMode(Choice):
     joint = "joint"  # one pass over cat(source, target): BatchNorm normalises both domains together (tllib's DANN...)
     separate = "separate"  # one pass per domain: each normalised with its own batch statistics (tllib's AFN)
@@ -102,6 +107,9 @@ class BackboneConfig:
     # Also load the checkpoint's bottleneck and head (same classes: keep training the source model)
     load_head: bool = False
     bottleneck_dim: int | None = None
+    head: HeadName = HeadName.linear
+    head_dim: int = 128  # encoding head: D, channels of the codewords
+    head_codes: int = 32  # encoding head: K, number of codewords
     dropout: float = 0.0  # before the head (tllib's DG --freeze-bn adds 0.1)
     freeze_bn: bool = False  # backbone BatchNorm layers stay in eval mode (tllib's DG --freeze-bn, PACS)
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -306,6 +314,8 @@ def validate_config(cfg: TrainConfig) -> None:
         ("backbone.dropout", cfg.backbone.dropout, 0 <= cfg.backbone.dropout < 1, "in [0, 1)"),
         ("backbone.bottleneck_dim", cfg.backbone.bottleneck_dim,
          cfg.backbone.bottleneck_dim is None or cfg.backbone.bottleneck_dim >= 1, ">= 1 or null"),
+        ("backbone.head_dim", cfg.backbone.head_dim, cfg.backbone.head_dim >= 1, ">= 1"),
+        ("backbone.head_codes", cfg.backbone.head_codes, cfg.backbone.head_codes >= 1, ">= 1"),
     ]
     for key, value, ok, rule in checks:
         if not ok:
@@ -313,6 +323,9 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.backbone.weights and cfg.backbone.pretrained != "imagenet":
         raise ConfigError(f"backbone.weights={cfg.backbone.weights} chooses ImageNet weights; set "
                           "backbone.pretrained=imagenet or drop backbone.weights.")
+    if cfg.backbone.head == HeadName.encoding and cfg.backbone.bottleneck_dim:
+        raise ConfigError("backbone.head=encoding replaces the bottleneck (its features are the normalised "
+                          "encoding); drop backbone.bottleneck_dim.")
     if cfg.backbone.load_head and cfg.backbone.pretrained in (None, "imagenet"):
         raise ConfigError(f"backbone.load_head=true needs backbone.pretrained=<tllab checkpoint>, not "
                           f"{cfg.backbone.pretrained}; set backbone.pretrained or drop backbone.load_head.")

@@ -44,7 +44,7 @@ from tllab.nn import convert_sync_batchnorm
 from tllab.nn.functional import upcast_half
 from tllab.optim import build_optimizer, build_scheduler, lr_factor
 from tllab.plugin import Plugin, SetupContext, StepOutput, build_plugins, overrides_forward
-from tllab.schema import AmpDtype, ForwardMode, Precision, TrainConfig, validate_config
+from tllab.schema import AmpDtype, ForwardMode, HeadName, Precision, TrainConfig, validate_config
 
 log = logging.getLogger("tllab")
 
@@ -72,7 +72,8 @@ def build_model(cfg: TrainConfig, plugins: Iterable[Plugin]) -> nn.Module:
     model: nn.Module = Classifier(
         create_backbone(cfg.backbone.library, cfg.backbone.name, cfg.backbone.pretrained, cfg.backbone.weights,
                         **cfg.backbone.kwargs),
-        cfg.dataset.num_classes, cfg.backbone.bottleneck_dim, cfg.backbone.dropout, cfg.backbone.freeze_bn)
+        cfg.dataset.num_classes, cfg.backbone.bottleneck_dim, cfg.backbone.dropout, cfg.backbone.freeze_bn,
+        str(cfg.backbone.head), cfg.backbone.head_dim, cfg.backbone.head_codes)
     if cfg.backbone.load_head and cfg.backbone.pretrained:  # (analysis rebuilds without pretrained weights)
         load_head_checkpoint(model, cfg.backbone.pretrained)
     for plugin in plugins:
@@ -210,6 +211,12 @@ class Trainer:
                                   f"{plugin.exclusive}; they cannot be stacked, use one of them.")
             if plugin.exclusive:
                 roles[plugin.exclusive] = name
+        if self.cfg.backbone.head == HeadName.encoding:
+            clash = [n for n, p in self.plugins.items() if p.exclusive == "head" or p.reads_pooled_features]
+            if clash:
+                raise ConfigError(f"{clash[0]} needs the linear head on the backbone's pooled features (it replaces "
+                                  "the head, or reads the pooled features), which backbone.head=encoding replaces; "
+                                  "use one of them.")
         target = [n for n, p in self.plugins.items() if p.uses_target]
         if target and self.cfg.dataset.setting != "da":
             raise ConfigError(f"{target} need unlabelled target data; set dataset.setting=da.")

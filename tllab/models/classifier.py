@@ -1,10 +1,12 @@
-"""Classifier = backbone -> optional bottleneck -> linear head."""
+"""Classifier = backbone -> optional bottleneck (or Deep TEN's encoding head) -> linear head."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from torch import Tensor, nn
+
+from tllab.models.deep_ten import EncodingHead, feature_channels, feature_maps
 
 
 class Classifier(nn.Module):
@@ -13,7 +15,9 @@ class Classifier(nn.Module):
     .. math:: f = \mathrm{bottleneck}(\mathrm{backbone}(x)),\quad \mathrm{logits} = W f + b
 
     The bottleneck (when ``bottleneck_dim`` is set) is ``Linear -> BatchNorm1d -> ReLU`` as in
-    tllib. Methods may replace ``bottleneck`` or ``head`` in ``Plugin.transform_model``.
+    tllib. With ``head="encoding"`` it is Deep TEN's :class:`~tllab.models.deep_ten.EncodingHead`
+    on the backbone's last feature map instead of its pooled features. Methods may replace
+    ``bottleneck`` or ``head`` in ``Plugin.transform_model``.
     tllib's domain-generalization ``--freeze-bn`` (its PACS runs) is ``freeze_bn=True,
     dropout=0.1``: the backbone's BatchNorm layers stay in evaluation mode (running statistics
     used and never updated; their affine parameters still train) and the head sees the
@@ -25,6 +29,9 @@ class Classifier(nn.Module):
         bottleneck_dim: width of the bottleneck, or ``None`` for none.
         dropout: dropout probability before the head. Default: 0.
         freeze_bn: keep the backbone's BatchNorm layers in evaluation mode. Default: False.
+        head: ``"linear"`` (pooled features) or ``"encoding"`` (Deep TEN). Default: ``"linear"``.
+        head_dim: the encoding head's :math:`D`. Default: 128.
+        head_codes: the encoding head's :math:`K` codewords. Default: 32.
 
     Shape:
         - Input: :math:`(N, 3, H, W)`.
@@ -39,10 +46,17 @@ class Classifier(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, bottleneck_dim: int | None = None,
-                 dropout: float = 0.0, freeze_bn: bool = False) -> None:
+                 dropout: float = 0.0, freeze_bn: bool = False, head: str = "linear", head_dim: int = 128,
+                 head_codes: int = 32) -> None:
         super().__init__()
         self.backbone, self.freeze_bn = backbone, freeze_bn
-        if bottleneck_dim:
+        self.encoding_head = head == "encoding"
+        if self.encoding_head:
+            if bottleneck_dim:
+                raise ValueError("the encoding head replaces the bottleneck: drop bottleneck_dim")
+            self.bottleneck: nn.Module = EncodingHead(feature_channels(backbone), head_dim, head_codes)
+            self.features_dim = self.bottleneck.out_features
+        elif bottleneck_dim:
             self.bottleneck: nn.Module = nn.Sequential(
                 nn.Linear(backbone.out_features, bottleneck_dim), nn.BatchNorm1d(bottleneck_dim), nn.ReLU()
             )
@@ -55,7 +69,7 @@ class Classifier(nn.Module):
         self.num_classes = num_classes
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        f = self.bottleneck(self.backbone(x))
+        f = self.bottleneck(feature_maps(self.backbone, x) if self.encoding_head else self.backbone(x))
         return self.head(self.dropout(f)), f
 
     def train(self, mode: bool = True) -> Classifier:

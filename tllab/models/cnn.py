@@ -38,9 +38,14 @@ class DigitsCNN(nn.Module):
             ]
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten())
         self.out_features = widths[-1] * 16
+        self.feature_channels = widths[-1]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.features(x)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last block's feature map :math:`(N, widths[-1], H/8, W/8)`, before the pooling."""
+        return self.features[:-2](x)
 
 
 def digits_cnn(**kwargs) -> DigitsCNN:

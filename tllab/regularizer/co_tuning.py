@@ -117,6 +117,8 @@ class CoTuning(Plugin):
         ``tllab-train experiment=digits_finetune backbone.pretrained=<run>/checkpoints/last.pt regularizer=co_tuning``
     """
 
+    reads_pooled_features = True  # its source head takes the backbone's pooled features
+
     def __init__(self, weight: float = 2.3, source_lr_mult: float = 0.1) -> None:
         super().__init__()
         if source_lr_mult < 0:

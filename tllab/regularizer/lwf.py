@@ -75,6 +75,8 @@ class LwF(Plugin):
         ``tllab-train experiment=digits_finetune backbone.pretrained=<run>/checkpoints/last.pt regularizer=lwf``
     """
 
+    reads_pooled_features = True  # its source head takes the backbone's pooled features
+
     def __init__(self, weight: float = 4.0, temperature: float = 3.0) -> None:
         super().__init__()
         if temperature <= 0:
