@@ -171,7 +171,7 @@ def test_a_job_signalled_at_its_time_limit_is_requeued_and_resumes_in_its_job_di
     sweep_dir = tmp_path / "sweep"
     command = [sys.executable, "-m", "tllab.sweep", "launch", str(sweep_dir), "hydra/launcher=submitit_local",
                f"+hydra.launcher.max_num_timeout={requeues}", "hydra.launcher.timeout_min=1",  # 1 min: USR2 = time-out
-               f"hydra.searchpath=[file://{TESTS}/configs]", "trainer.max_steps=60", "trainer.eval_every=10",
+               f"hydra.searchpath=[file://{TESTS}/configs]", "trainer.max_steps=24", "trainer.eval_every=4",
                "trainer.quiet=true", "trainer.deterministic=true", "seed=0"]
     launcher = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
@@ -185,7 +185,7 @@ def test_a_job_signalled_at_its_time_limit_is_requeued_and_resumes_in_its_job_di
     out = launcher.communicate(timeout=300)[0]
     assert launcher.returncode == 0, out
     assert (job_dir / "done").exists()
-    assert [r["step"] for r in read_jsonl(job_dir / "results.jsonl")] == list(range(10, 61, 10))
+    assert [r["step"] for r in read_jsonl(job_dir / "results.jsonl")] == list(range(4, 25, 4))
     assert "resumed from" in (job_dir / "train.log").read_text()
     logs = "".join(p.read_text() for p in sweep_dir.rglob("*_log.*"))
     assert "this job is timed-out" in logs and "Requeued job" in logs
