@@ -41,6 +41,8 @@ def test_the_head_encodes_each_backbones_feature_map(library, name, size):
     (["norm=afn"], "norm.afn needs the linear head"),
     (["experiment=digits_finetune", "regularizer=lwf"], "regularizer.lwf needs the linear head"),
     (["backbone.bottleneck_dim=64"], "backbone.head=encoding replaces the bottleneck"),
+    (["backbone=timm", "backbone.name=vit_tiny_patch16_224", "+backbone.kwargs.img_size=32"],
+     r"backbone.head=encoding needs a feature map \(N, C, H, W\) but the backbone gives shape \(1, 5, 192\)"),
 ])
 def test_combinations_that_need_the_linear_head_are_refused(overrides, match, tmp_path):
     with pytest.raises(ConfigError, match=match):

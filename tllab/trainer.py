@@ -101,6 +101,8 @@ def check_image_size(model: nn.Module, cfg: TrainConfig) -> None:
     try:
         with torch.no_grad():
             model(torch.zeros(1, 3, size, size))
+    except ConfigError:
+        raise  # already names its fix
     except (ValueError, RuntimeError) as e:
         norm = ",".join(cfg.norm) or "none"
         raise ConfigError(f"backbone={cfg.backbone.name} with norm={norm} cannot take {size}x{size} images "

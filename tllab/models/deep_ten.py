@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import ResNet
 
+from tllab.errors import ConfigError
 from tllab.nn import Encoding
 
 _RESNET_STEM = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
@@ -66,7 +67,7 @@ class EncodingHead(nn.Module):
         self.out_features = dim * codes
 
     def forward(self, maps: Tensor) -> Tensor:
-        if maps.dim() != 4:
-            raise ValueError(f"the encoding head needs a feature map (N, C, H, W), got shape {tuple(maps.shape)}: "
-                             "use a convolutional backbone with backbone.head=encoding")
+        if maps.dim() != 4:  # a transformer's tokens (N, L, C)
+            raise ConfigError(f"backbone.head=encoding needs a feature map (N, C, H, W) but the backbone gives shape "
+                              f"{tuple(maps.shape)}; use a convolutional backbone or backbone.head=linear.")
         return F.normalize(self.encoding(self.reduce(maps)).flatten(1), dim=1)
