@@ -92,7 +92,8 @@ def load_run(ckpt: Path, device: str = "cpu") -> tuple[TrainConfig, nn.Module]:
     path = resolve_checkpoint(Path(ckpt))
     cfg = load_config(path.parent.parent)
     cfg.backbone.pretrained = None
-    plugins = [*build_plugins("norm", cfg.norm).values(), *build_plugins("regularizer", cfg.regularizer).values()]
+    plugins = [*build_plugins("norm", cfg.norm).values(), *build_plugins("regularizer", cfg.regularizer).values(),
+               *build_plugins("align", cfg.align).values()]
     # In the run's dtype before loading, so a float64 run's weights are not rounded.
     model = build_model(cfg, plugins).to(getattr(torch, Precision(cfg.trainer.precision).value))
     state = load_checkpoint(path, CHECKPOINT_FIX)

@@ -13,13 +13,14 @@ from tllab.schema import Setting, TrainConfig
 
 
 def method_name(cfg: TrainConfig) -> str:
-    """The row label: ``cfg.label`` if set, else the stacked methods joined by ``+``
-    (``ibn_a+mixstyle+l2sp``); a run without methods is ``source only`` (domain adaptation),
+    """The row label: ``cfg.label`` if set, else the stacked methods joined by ``+`` in the order
+    norm, regularizer, align (``ibn_a+mixstyle+l2sp``, ``adabn+cdan``); a run without methods is
+    ``source only`` (domain adaptation),
     ``erm`` (domain generalization), ``fine-tune`` or ``scratch`` (fine-tuning with or without
     ``backbone.pretrained``; ``scratch+bss`` when a method trains from scratch)."""
     if cfg.label:
         return cfg.label
-    methods = [*cfg.norm, *cfg.regularizer]
+    methods = [*cfg.norm, *cfg.regularizer, *cfg.align]
     setting = Setting(cfg.dataset.setting)
     if setting == Setting.finetune and not cfg.backbone.pretrained:
         return "+".join(["scratch", *methods])
@@ -53,6 +54,7 @@ def group_keys(cfg: TrainConfig) -> dict[str, Any]:
         "backbone": cfg.backbone.name,
         "norm": "+".join(cfg.norm) or "none",
         "regularizer": "+".join(cfg.regularizer) or "none",
+        "align": "+".join(cfg.align) or "none",
         "dataset": cfg.dataset.name,
         "setting": Setting(cfg.dataset.setting).value,
         "source": "+".join(map(cfg.dataset.domain_key, cfg.dataset.source)),

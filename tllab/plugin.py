@@ -1,13 +1,16 @@
-"""The plug-in interface shared by normalization strategies and fine-tuning regularizers.
+"""The plug-in interface shared by normalization strategies, fine-tuning regularizers and
+domain-alignment methods.
 
-A method is one :class:`Plugin` subclass in one file (``tllab/norm/<name>.py`` or
-``tllab/regularizer/<name>.py``) plus one YAML (``configs/norm/<name>.yaml``)::
+A method is one :class:`Plugin` subclass in one file (``tllab/norm/<name>.py``,
+``tllab/regularizer/<name>.py`` or ``tllab/align/<name>.py``) plus one YAML (``configs/norm/<name>.yaml``)::
 
     # @package norm.mystrategy
     _target_: tllab.norm.mystrategy.MyStrategy
     weight: 0.1
 
-The trainer calls the hooks below in this order and knows nothing else about a method:
+The trainer calls the hooks below in this order and knows nothing else about a method; within
+each hook the plug-ins run group by group (``norm``, then ``regularizer``, then ``align``), each
+group in its selection order:
 
 1. ``transform_model(model)`` — once, before the model moves to the device. Replace or wrap
    layers (IBN, StochNorm, MixStyle insertion...). Return the (possibly new) model.
@@ -102,7 +105,7 @@ class SetupContext:
 
 
 class Plugin(nn.Module):
-    """Base class of normalization strategies and fine-tuning regularizers (see module doc)."""
+    """Base class of normalization strategies, regularizers and alignment methods (see module doc)."""
 
     uses_target: bool = False
     # A role only one plug-in of a run may take, e.g. "batchnorm" (replaces every BatchNorm) or
@@ -168,7 +171,7 @@ def build_plugins(group: str, node: Mapping[str, Any]) -> dict[str, Plugin]:
     message.
 
     Args:
-        group: ``"norm"`` or ``"regularizer"`` (used in messages).
+        group: ``"norm"``, ``"regularizer"`` or ``"align"`` (used in messages).
         node: the composed group, ``{name: {"_target_": "pkg.Class", **kwargs}}``.
 
     Returns:

@@ -1,6 +1,6 @@
 """Typed configuration schema.
 
-Every config group except the stackable method groups (``norm``, ``regularizer``) has a dataclass
+Every config group except the stackable method groups (``norm``, ``regularizer``, ``align``) has a dataclass
 here. ``register_configs()`` stores the top-level :class:`TrainConfig` in Hydra's ConfigStore as
 ``train_schema``; ``configs/train.yaml`` lists it first in its defaults, so every YAML file and
 every command-line override is checked against these types while Hydra composes the config:
@@ -239,6 +239,7 @@ class TrainConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     norm: dict[str, Any] = field(default_factory=dict)
     regularizer: dict[str, Any] = field(default_factory=dict)
+    align: dict[str, Any] = field(default_factory=dict)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -260,7 +261,7 @@ def register_configs() -> None:
 
 def check_known_keys(cfg: DictConfig, prefix: str = "") -> None:
     """Refuse keys the schema does not have. Hydra adds any key given with ``+`` (``+trainer.max_stpes=5``)
-    even to a typed node; only the free-form nodes (``norm``, ``regularizer``, ``backbone.kwargs``:
+    even to a typed node; only the free-form nodes (``norm``, ``regularizer``, ``align``, ``backbone.kwargs``:
     checked by their plug-in or model builder) take new keys.
 
     Raises:

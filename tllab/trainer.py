@@ -131,6 +131,7 @@ class Trainer:
         self.plugins: dict[str, Plugin] = {
             **{f"norm.{k}": v for k, v in build_plugins("norm", cfg.norm).items()},
             **{f"regularizer.{k}": v for k, v in build_plugins("regularizer", cfg.regularizer).items()},
+            **{f"align.{k}": v for k, v in build_plugins("align", cfg.align).items()},
         }
         self._check_plugin_combination()
         check_dataset_config(cfg.dataset)
