@@ -65,7 +65,7 @@ def test_every_option_of_plain_groups_composes(group):
             check_dataset_config(cfg.dataset)
 
 
-@pytest.mark.parametrize("group", ["norm", "regularizer"])
+@pytest.mark.parametrize("group", ["norm", "regularizer", "align"])
 def test_method_groups_start_with_none(group):
     cfg, _ = resolve_config(compose_config([f"{group}=none"]))
     assert getattr(cfg, group) == {}

@@ -21,6 +21,7 @@ from .conftest import compose_config
     (["experiment=digits_finetune", "regularizer=noisy"], "scratch+noisy", "mnistm 5/class"),
     (["norm=recorder", "regularizer=[noisy,recorder]"], "recorder+noisy+recorder", "mnist→mnistm"),
     (["label=my method", "norm=recorder"], "my method", "mnist→mnistm"),
+    (["align=[mcc,dann]", "norm=adabn", "regularizer=noisy"], "adabn+noisy+mcc+dann", "mnist→mnistm"),
 ])
 def test_method_and_task_names(overrides, method, task):
     cfg, _ = resolve_config(compose_config(overrides))

@@ -1,0 +1,164 @@
+"""Domain alignment (align=dann|cdan|mcc): gradient reversal and its schedule, DANN's reversed
+gradients and undecidable discriminator, CDAN's maps and CDAN+E weights, MCC's loss by hand, and
+2-step trainings of every align YAML."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tllab.align.cdan import CDAN, MultiLinearMap, RandomizedMultiLinearMap, entropy_weights
+from tllab.align.dann import DANN
+from tllab.align.discriminator import DomainDiscriminator, domain_adversarial_loss
+from tllab.align.grl import GradientReverseFunction, WarmStartGradientReverseLayer, warm_start_coeff
+from tllab.align.mcc import MinimumClassConfusionLoss
+from tllab.checkpoint import load_checkpoint
+from tllab.errors import ConfigError
+from tllab.models import Classifier
+from tllab.plugin import StepOutput
+
+from .test_configs import options
+
+
+def _out(f_s, f_t, logits_s=None, logits_t=None, step=0):
+    n = len(f_s)
+    return StepOutput(step=step, total_steps=10, model=nn.Identity(), x_s=f_s, y_s=torch.zeros(n, dtype=torch.long),
+                      d_s=torch.zeros(n, dtype=torch.long), logits_s=logits_s, f_s=f_s, logits_t=logits_t, f_t=f_t)
+
+
+def test_gradient_reversal_is_identity_forward_and_minus_lambda_grad_backward():
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(3, 4, dtype=torch.float64)
+    y = GradientReverseFunction.apply(x, 0.3)
+    assert torch.equal(y, x)
+    y.backward(upstream)
+    assert torch.allclose(x.grad, -0.3 * upstream)
+
+
+def test_warm_start_schedule_is_tllibs():
+    assert warm_start_coeff(0) == 0.0
+    assert warm_start_coeff(1000) == pytest.approx(2 / (1 + math.exp(-1)) - 1)  # 0.4621
+    assert warm_start_coeff(10 ** 6) == pytest.approx(1.0)
+    assert warm_start_coeff(0, lo=0.2, hi=0.8) == pytest.approx(0.2)
+    assert warm_start_coeff(500, alpha=10, lo=0.2, hi=0.8, max_iters=100) == pytest.approx(
+        1.2 / (1 + math.exp(-50)) - 0.6 + 0.2)
+    x = torch.ones(2, requires_grad=True)
+    WarmStartGradientReverseLayer()(x, step=1000).sum().backward()
+    assert torch.allclose(x.grad, torch.full((2,), -warm_start_coeff(1000)))
+
+
+def test_dann_gives_the_features_minus_lambda_times_the_discriminator_gradient():
+    torch.manual_seed(0)
+    dann = DANN(trade_off=0.7, hidden_size=8).double()
+    dann.discriminator = DomainDiscriminator(4, 8).double()
+    f = torch.randn(12, 4, dtype=torch.float64, requires_grad=True)
+    dann.loss(_out(f[:6], f[6:], step=1500))["transfer"].backward()
+    reversed_grad, f.grad = f.grad, None
+    d = dann.discriminator(f)
+    (0.7 * domain_adversarial_loss(d[:6], d[6:])).backward()  # the same loss without reversal
+    assert torch.allclose(reversed_grad, -warm_start_coeff(1500) * f.grad)
+    assert all(p.grad is not None for p in dann.discriminator.parameters())  # the discriminator itself descends
+
+
+@pytest.mark.parametrize("shift, accuracy", [(0.0, (0.4, 0.6)), (3.0, (0.9, 1.0))])
+def test_dann_discriminator_cannot_tell_identically_distributed_domains(shift, accuracy):
+    """Trained on fresh source and target batches of one distribution, the discriminator is at
+    chance (accuracy ~0.5, loss ~log 2); a shifted target it tells apart (the control)."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    dann = DANN(hidden_size=16)
+    dann.discriminator = DomainDiscriminator(4, 16)
+    opt = torch.optim.Adam(dann.parameters(), lr=1e-2)
+    for _ in range(150):
+        f_s, f_t = torch.randn(64, 4, generator=gen), torch.randn(64, 4, generator=gen) + shift
+        loss = dann.loss(_out(f_s, f_t))["transfer"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    dann.eval()
+    with torch.no_grad():
+        f_s, f_t = torch.randn(2000, 4, generator=gen), torch.randn(2000, 4, generator=gen) + shift
+        acc = 0.5 * ((dann.discriminator(f_s) > 0).float().mean() + (dann.discriminator(f_t) <= 0).float().mean())
+    assert accuracy[0] <= acc.item() <= accuracy[1]
+    if not shift:
+        assert loss.item() == pytest.approx(math.log(2), abs=0.05)
+
+
+def test_cdan_multilinear_map_is_the_outer_product():
+    f, g = torch.randn(5, 3), torch.randn(5, 4)
+    out = MultiLinearMap()(f, g)
+    assert out.shape == (5, 12)
+    for i in range(5):
+        assert torch.allclose(out[i].view(4, 3), torch.outer(g[i], f[i]))
+
+
+def test_cdan_randomized_map_preserves_inner_products_in_expectation():
+    torch.manual_seed(0)
+    rmap = RandomizedMultiLinearMap(3, 2, output_dim=200_000).double()
+    f, g = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 2, dtype=torch.float64).softmax(1)
+    t = rmap(f, g)
+    exact = MultiLinearMap()(f, g)
+    assert t.shape == (2, 200_000)
+    assert (t[0] @ t[1]).item() == pytest.approx((exact[0] @ exact[1]).item(), rel=0.05)
+    assert (t[0] @ t[0]).item() == pytest.approx((exact[0] @ exact[0]).item(), rel=0.05)
+    assert set(rmap.state_dict()) == {"Rf", "Rg"}  # saved with the run: a resume maps as before
+
+
+def test_cdan_entropy_weights_and_weighted_loss_by_hand():
+    p = torch.tensor([[0.7, 0.2, 0.1], [1 / 3, 1 / 3, 1 / 3]], dtype=torch.float64)
+    h = [-sum(q * math.log(q + 1e-5) for q in row) for row in p.tolist()]
+    assert torch.allclose(entropy_weights(p), torch.tensor([1 + math.exp(-e) for e in h], dtype=torch.float64))
+    d_s, d_t, w = torch.tensor([[0.5]]), torch.tensor([[-1.0]]), torch.tensor([2.0, 1.0])
+    by_hand = (2 * math.log(1 + math.exp(-0.5)) + 1 * math.log(1 + math.exp(-1.0))) / 3  # sum(w l) / sum(w)
+    assert domain_adversarial_loss(d_s, d_t, w).item() == pytest.approx(by_hand)
+
+
+def test_cdan_conditions_on_detached_softmax_with_entropy_weights():
+    torch.manual_seed(0)
+    backbone = nn.Identity()
+    backbone.out_features = 4
+    model = Classifier(backbone, 3)
+    cdan = CDAN(entropy=True, hidden_size=8)
+    cdan.transform_model(model)
+    assert cdan.discriminator[0].in_features == 12
+    f, logits = torch.randn(6, 4), torch.randn(6, 3, requires_grad=True)
+    h_s, h_t, w = cdan.inputs(_out(f[:3], f[3:], logits[:3], logits[3:]))
+    g = logits.softmax(1)
+    assert torch.allclose(torch.cat([h_s, h_t]), MultiLinearMap()(f, g))
+    assert torch.allclose(w, entropy_weights(g)) and not h_s.requires_grad  # g detached, f constant here
+
+
+def test_mcc_loss_by_hand():
+    logits, t = torch.tensor([[2.0, 0.0], [0.5, 1.5], [0.0, 0.0]], dtype=torch.float64), 2.5
+    p = [[math.exp(a / t) / sum(math.exp(b / t) for b in row) for a in row] for row in logits.tolist()]
+    w = [1 + math.exp(sum(q * math.log(q + 1e-5) for q in row)) for row in p]
+    w = [3 * x / sum(w) for x in w]
+    m = [[sum(w[i] * p[i][j] * p[i][k] for i in range(3)) for k in range(2)] for j in range(2)]
+    m = [[m[j][k] / sum(m[j]) for k in range(2)] for j in range(2)]
+    by_hand = (m[0][1] + m[1][0]) / 2
+    assert MinimumClassConfusionLoss(t)(logits).item() == pytest.approx(by_hand)
+
+
+def test_align_needs_domain_adaptation(train_run):
+    with pytest.raises(ConfigError, match="need unlabelled target data; set dataset.setting=da"):
+        train_run("experiment=digits_dg", "align=mcc")
+
+
+# Small discriminators: the default ones (CDAN's reads features x classes) make the checkpoint writes the cost.
+SMALL = ["align.dann.hidden_size=64", "align.cdan.hidden_size=64", "align.cdan.randomized=true",
+         "align.cdan.randomized_dim=64", "align.cdan.entropy=true"]
+
+
+@pytest.mark.parametrize("overrides, method", [
+    ([f"align=[{','.join(n for n in options('align') if n != 'none')}]", *SMALL], "cdan+dann+mcc"),
+    (["norm=adabn", "align=dann", SMALL[0]], "adabn+dann"),
+])
+def test_every_align_yaml_trains_and_stacks(train_run, tmp_path, overrides, method):
+    summary = train_run(*overrides, "trainer.max_steps=2", "trainer.eval_every=2")
+    assert summary["steps"] == 2 and summary["method"] == method
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert "discriminator.0.weight" in state["plugins"]["align.dann"]  # the discriminator is saved
+    assert not any("discriminator" in k for k in state["model"])  # and is no part of the model
