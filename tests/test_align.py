@@ -1,6 +1,6 @@
-"""Domain alignment (align=dann|cdan|mcc): gradient reversal and its schedule, DANN's reversed
-gradients and undecidable discriminator, CDAN's maps and CDAN+E weights, MCC's loss by hand, and
-2-step trainings of every align YAML."""
+"""Domain alignment (align=dann|cdan|mcc|dan|jan): gradient reversal and its schedule, DANN's reversed
+gradients and undecidable discriminator, CDAN's maps and CDAN+E weights, MCC's loss by hand, the
+Gaussian kernel and MK-MMD by hand, JAN's joint kernel and thetas, and 2-step trainings of every align YAML."""
 
 from __future__ import annotations
 
@@ -14,7 +14,16 @@ from tllab.align.cdan import CDAN, MultiLinearMap, RandomizedMultiLinearMap, ent
 from tllab.align.dann import DANN
 from tllab.align.discriminator import DomainDiscriminator, domain_adversarial_loss
 from tllab.align.grl import GradientReverseFunction, WarmStartGradientReverseLayer, warm_start_coeff
+from tllab.align.jan import JointMultipleKernelMaximumMeanDiscrepancy, Theta
 from tllab.align.mcc import MinimumClassConfusionLoss
+from tllab.align.mmd import (
+    GaussianKernel,
+    MultipleKernelMaximumMeanDiscrepancy,
+    default_alphas,
+    mmd,
+    multi_kernel,
+    squared_distances,
+)
 from tllab.checkpoint import load_checkpoint
 from tllab.errors import ConfigError
 from tllab.models import Classifier
@@ -142,6 +151,65 @@ def test_mcc_loss_by_hand():
     assert MinimumClassConfusionLoss(t)(logits).item() == pytest.approx(by_hand)
 
 
+def test_gaussian_kernel_by_hand():
+    z = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    d2 = [[0, 1, 4], [1, 0, 5], [4, 5, 0]]
+    sigma2 = 0.5 * sum(map(sum, d2)) / 9  # alpha * mean over all 9 pairs, diagonal included (tllib)
+    k = GaussianKernel(alpha=0.5)(squared_distances(z))
+    assert torch.allclose(k, torch.tensor([[math.exp(-d / (2 * sigma2)) for d in row] for row in d2],
+                                          dtype=torch.float64))
+    k = GaussianKernel(sigma=0.92, track_running_stats=False)(squared_distances(z))
+    assert k[0, 2].item() == pytest.approx(math.exp(-4 / (2 * 0.92 ** 2)))
+    with pytest.raises(ValueError, match="either sigma"):
+        GaussianKernel(sigma=1.0)
+
+
+def test_mk_mmd_by_hand_on_two_source_and_two_target_samples():
+    """Fixed bandwidths, z_s = (0, 1), z_t = (3, 5) in one dimension."""
+    kernels = [GaussianKernel(sigma=s, track_running_stats=False) for s in (1.0, 2.0)]
+    z_s, z_t = torch.tensor([[0.0], [1.0]], dtype=torch.float64), torch.tensor([[3.0], [5.0]], dtype=torch.float64)
+
+    def k(a, b):
+        return sum(math.exp(-(a - b) ** 2 / (2 * s ** 2)) for s in (1.0, 2.0))
+
+    quadratic = k(0, 1) + k(3, 5) - (k(0, 3) + k(0, 5) + k(1, 3) + k(1, 5)) / 2  # 1/(2*1) twice, -2/(2*2) * sum
+    # linear, cyclic pairs i=0: (s0, s1, t0, t1), i=1: (s1, s0, t1, t0); h = k(s,s') + k(t,t') - k(s,t') - k(s',t)
+    linear = sum(k(a, b) + k(c, d) - k(a, d) - k(b, c) for a, b, c, d in ((0, 1, 3, 5), (1, 0, 5, 3))) / 2
+    for lin, by_hand in ((False, quadratic), (True, linear)):
+        assert MultipleKernelMaximumMeanDiscrepancy(kernels, lin)(z_s, z_t).item() == pytest.approx(by_hand)
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_mk_mmd_is_about_zero_on_one_distribution_and_positive_on_shifted_ones(linear):
+    gen = torch.Generator().manual_seed(0)
+    mkmmd = MultipleKernelMaximumMeanDiscrepancy([GaussianKernel(alpha=a) for a in default_alphas()], linear)
+    z_s, z_t = torch.randn(256, 4, generator=gen), torch.randn(256, 4, generator=gen)
+    assert abs(mkmmd(z_s, z_t).item()) < 0.05
+    assert mkmmd(z_s, z_t + 2).item() > 0.5
+
+
+def test_jan_joint_kernel_is_the_product_of_the_layer_kernels_and_thetas_maximise_it():
+    torch.manual_seed(0)
+    f, g = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64).softmax(1)
+    f_kernels, g_kernels = [GaussianKernel(alpha=a) for a in default_alphas()], [
+        GaussianKernel(sigma=0.92, track_running_stats=False)]
+    jmmd = JointMultipleKernelMaximumMeanDiscrepancy((f_kernels, g_kernels))
+    product = multi_kernel(f_kernels, f) * multi_kernel(g_kernels, g)
+    assert jmmd((f[:3], g[:3]), (f[3:], g[3:])).item() == pytest.approx(mmd(product, 3).item())
+    # JAN-A: identity forward; the features get the plain gradient, the thetas its reverse
+    f.requires_grad_(True)
+    jmmd((f[:3], g[:3]), (f[3:], g[3:])).backward()
+    plain = f.grad.clone()
+    f.grad = None
+    thetas = [Theta(4).double(), Theta(3).double()]
+    adversarial = JointMultipleKernelMaximumMeanDiscrepancy((f_kernels, g_kernels), thetas=thetas)
+    adversarial((f[:3], g[:3]), (f[3:], g[3:])).backward()
+    assert torch.allclose(f.grad, plain)
+    # d loss / dA = (d loss / dz) z^T for theta(z) = A z + b at A = I, reversed
+    z = torch.cat([f[:3], f[3:]]).detach()
+    assert torch.allclose(thetas[0].layer.weight.grad, -(plain.T @ z))
+
+
 def test_align_needs_domain_adaptation(train_run):
     with pytest.raises(ConfigError, match="need unlabelled target data; set dataset.setting=da"):
         train_run("experiment=digits_dg", "align=mcc")
@@ -149,11 +217,11 @@ def test_align_needs_domain_adaptation(train_run):
 
 # Small discriminators: the default ones (CDAN's reads features x classes) make the checkpoint writes the cost.
 SMALL = ["align.dann.hidden_size=64", "align.cdan.hidden_size=64", "align.cdan.randomized=true",
-         "align.cdan.randomized_dim=64", "align.cdan.entropy=true"]
+         "align.cdan.randomized_dim=64", "align.cdan.entropy=true", "align.jan.adversarial=true"]
 
 
 @pytest.mark.parametrize("overrides, method", [
-    ([f"align=[{','.join(n for n in options('align') if n != 'none')}]", *SMALL], "cdan+dann+mcc"),
+    ([f"align=[{','.join(n for n in options('align') if n != 'none')}]", *SMALL], "cdan+dan+dann+jan+mcc"),
     (["norm=adabn", "align=dann", SMALL[0]], "adabn+dann"),
 ])
 def test_every_align_yaml_trains_and_stacks(train_run, tmp_path, overrides, method):
@@ -162,3 +230,5 @@ def test_every_align_yaml_trains_and_stacks(train_run, tmp_path, overrides, meth
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert "discriminator.0.weight" in state["plugins"]["align.dann"]  # the discriminator is saved
     assert not any("discriminator" in k for k in state["model"])  # and is no part of the model
+    if "jan" in method:  # JAN-A's thetas too
+        assert "jmmd.thetas.0.layer.weight" in state["plugins"]["align.jan"]
