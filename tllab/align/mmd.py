@@ -22,15 +22,17 @@ def squared_distances(z: Tensor) -> Tensor:
     cancellation's rounding would leave small nonzero, even negative, values there.
 
     Shape:
-        - z: :math:`(N, F)`; Output: :math:`(N, N)`.
+        - z: :math:`(N, F)`; Output: :math:`(N, N)`, float32 for half-precision inputs (and under autocast).
 
     Example:
         >>> squared_distances(torch.tensor([[0., 0.], [3., 4.]]))
         tensor([[ 0., 25.],
                 [25.,  0.]])
     """
-    sq = z.pow(2).sum(1)
-    return (sq.unsqueeze(0) + sq.unsqueeze(1) - 2 * z @ z.T).clamp_min(0).fill_diagonal_(0)
+    z = upcast_half(z)
+    with torch.autocast(z.device.type, enabled=False):  # AMP's half matmul would swamp the differences
+        sq = z.pow(2).sum(1)
+        return (sq.unsqueeze(0) + sq.unsqueeze(1) - 2 * z @ z.T).clamp_min(0).fill_diagonal_(0)
 
 
 class GaussianKernel(nn.Module):
@@ -87,7 +89,7 @@ def multi_kernel(kernels: Sequence[nn.Module], z: Tensor) -> Tensor:
     Shape:
         - z: :math:`(N, F)`; Output: :math:`(N, N)` (float32 for half-precision inputs).
     """
-    d2 = squared_distances(upcast_half(z))
+    d2 = squared_distances(z)
     return sum(kernel(d2) for kernel in kernels)
 
 
