@@ -10,4 +10,9 @@ ${TLLAB_BIN:-.venv/bin}/tllab-sweep launch "$SWEEP" experiment=table_digits_da \
     norm=afn norm.afn.weight=0 "label='afn head, no AFN loss'" ${ARGS[@]+"${ARGS[@]}"} || echo "some jobs failed; the report lists them"
 ${TLLAB_BIN:-.venv/bin}/tllab-sweep launch "$SWEEP" experiment=table_digits_da \
     norm=afn trainer.forward=separate "label='afn, separate passes'" ${ARGS[@]+"${ARGS[@]}"} || echo "some jobs failed; the report lists them"
+# Domain-alignment rows (tllab/align): CDAN with its randomized map, the full one is 20480 wide on this CNN.
+${TLLAB_BIN:-.venv/bin}/tllab-sweep launch "$SWEEP" experiment=table_digits_da norm=none align=dann \
+    ${ARGS[@]+"${ARGS[@]}"} || echo "some jobs failed; the report lists them"
+${TLLAB_BIN:-.venv/bin}/tllab-sweep launch "$SWEEP" experiment=table_digits_da norm=none align=cdan \
+    align.cdan.randomized=true ${ARGS[@]+"${ARGS[@]}"} || echo "some jobs failed; the report lists them"
 exec scripts/table.sh table_digits_da last,source_val,oracle "$@"
