@@ -82,7 +82,8 @@ def write_hydra_files(run_dir: Path, files: dict[str, str]) -> None:
             tmp.write_text(text)
 
 
-def claim_run_dir(run_dir: Path, resolved: dict[str, Any], hydra_files: dict[str, str] | None = None) -> None:
+def claim_run_dir(run_dir: Path, cfg: TrainConfig, resolved: dict[str, Any],
+                  hydra_files: dict[str, str] | None = None) -> None:
     """Make ``run_dir`` this command's: a new run dir gets ``config.yaml``; a started one (checkpoint
     or ``done``) keeps its config, and a new config that differs from it in a key that matters is
     refused (a key newer than the saved config counts as its default). The run's config is its
@@ -114,7 +115,7 @@ def claim_run_dir(run_dir: Path, resolved: dict[str, Any], hydra_files: dict[str
             tmp.write_text(OmegaConf.to_yaml(saved if restored else resolved))
     (run_dir / "error.txt").unlink(missing_ok=True)  # from an earlier failed attempt
     write_hydra_files(run_dir, hydra_files or {})
-    record_provenance(run_dir, resolved, yaml.safe_load((hydra_files or {}).get("overrides.yaml", "[]")) or [])
+    record_provenance(run_dir, cfg, yaml.safe_load((hydra_files or {}).get("overrides.yaml", "[]")) or [])
 
 
 def _git(*args: str) -> str | None:
@@ -129,16 +130,21 @@ def _git(*args: str) -> str | None:
         return None
 
 
+def _cores() -> int:
+    """CPU cores this process may run on (its affinity mask, where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def hardware_class(cfg: TrainConfig) -> str:
     """``GPU: <name> x<processes>`` or ``CPU: <cores> cores`` (x<processes> under trainer=ddp)."""
     processes = cfg.trainer.devices if cfg.trainer.strategy == "ddp" else 1
     if _uses_cuda(cfg):
         return f"GPU: {torch.cuda.get_device_name(0)} x{processes}"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = _cores()
     return f"CPU: {cores} cores" + (f" x{processes} processes" if processes > 1 else "")
 
 
-def record_provenance(run_dir: Path, resolved: dict[str, Any], overrides: list[str]) -> None:
+def record_provenance(run_dir: Path, cfg: TrainConfig, overrides: list[str]) -> None:
     """Append how this command was made to ``provenance.json`` (one entry per start or resume):
     tllab version, git commit and dirty flag of the checkout, command-line overrides, hardware
     class, Python and torch versions. ``tllab-report`` prints them beside its tables."""
@@ -148,7 +154,6 @@ def record_provenance(run_dir: Path, resolved: dict[str, Any], overrides: list[s
     except (json.JSONDecodeError, KeyError, TypeError):
         commands = []  # a damaged record is replaced, never fatal
     status = _git("status", "--porcelain", "--untracked-files=no")
-    cfg: TrainConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), resolved))
     commands.append({"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                      "tllab": tllab.__version__, "git_commit": _git("rev-parse", "HEAD"),
                      "git_dirty": None if status is None else bool(status), "overrides": list(overrides),
@@ -165,7 +170,7 @@ def check_devices(cfg: TrainConfig) -> None:
     if _uses_cuda(cfg) and devices > torch.cuda.device_count():
         raise ConfigError(f"trainer.devices={devices} but {torch.cuda.device_count()} GPU(s) are visible; lower "
                           "trainer.devices or set trainer.device=cpu.")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = _cores()
     if not _uses_cuda(cfg) and devices > cores and not cfg.trainer.oversubscribe:
         raise ConfigError(f"trainer.devices={devices} would start {devices} CPU processes on {cores} cores; lower "
                           f"trainer.devices (at most {cores}) or set trainer.oversubscribe=true.")

@@ -61,7 +61,7 @@ def prepare(cfg: DictConfig, run_dir: Path, hydra_files: dict[str, str] | None =
     if typed.trainer.strategy == "ddp" and not dist_is_initialized():
         check_devices(typed)
     if is_main():
-        claim_run_dir(run_dir, resolved, hydra_files)
+        claim_run_dir(run_dir, typed, resolved, hydra_files)
     return typed, resolved
 
 
