@@ -1,6 +1,7 @@
-"""Domain alignment (align=dann|cdan|mcc|dan|jan): gradient reversal and its schedule, DANN's reversed
-gradients and undecidable discriminator, CDAN's maps and CDAN+E weights, MCC's loss by hand, the
-Gaussian kernel and MK-MMD by hand, JAN's joint kernel and thetas, and 2-step trainings of every align YAML."""
+"""Domain alignment (align=dann|cdan|mcc|dan|jan|mdd|mcd): gradient reversal and its schedule, DANN's
+reversed gradients and undecidable discriminator, CDAN's maps and CDAN+E weights, MCC's and MDD's losses by
+hand, the Gaussian kernel and MK-MMD by hand, JAN's joint kernel and thetas, MCD's three updates and the
+parameters each moves, and 2-step trainings of every align YAML."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from tllab.align.discriminator import DomainDiscriminator, domain_adversarial_lo
 from tllab.align.grl import GradientReverseFunction, WarmStartGradientReverseLayer, warm_start_coeff
 from tllab.align.jan import JointMultipleKernelMaximumMeanDiscrepancy, Theta
 from tllab.align.mcc import MinimumClassConfusionLoss
+from tllab.align.mcd import class_balance_entropy, classifier_discrepancy
+from tllab.align.mdd import MDD, margin_disparity_loss
 from tllab.align.mmd import (
     GaussianKernel,
     MultipleKernelMaximumMeanDiscrepancy,
@@ -26,7 +29,7 @@ from tllab.align.mmd import (
 )
 from tllab.checkpoint import load_checkpoint
 from tllab.errors import ConfigError
-from tllab.models import Classifier
+from tllab.models import Classifier, create_backbone
 from tllab.plugin import StepOutput
 
 from .test_configs import options
@@ -215,14 +218,84 @@ def test_align_needs_domain_adaptation(train_run):
         train_run("experiment=digits_dg", "align=mcc")
 
 
-# Small discriminators: the default ones (CDAN's reads features x classes) make the checkpoint writes the cost.
+def test_mdd_loss_by_hand():
+    y_s, y_t = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 1.0]]), torch.tensor([[0.0, 0.0, 5.0]])
+    y_s_adv, y_t_adv = torch.tensor([[1.0, 2.0, 0.0], [0.5, 0.0, 0.0]]), torch.tensor([[0.0, 1.0, 2.0]])
+    p_s = [math.exp(1) / (math.exp(1) + math.exp(2) + 1), 1 / (math.exp(0.5) + 2)]  # adversarial prob of h(y_s)
+    p_t = math.exp(2) / (1 + math.e + math.exp(2))  # of h(y_t) = 2
+    expected = 4 * -(math.log(p_s[0]) + math.log(p_s[1])) / 2 - math.log(1 - p_t + 1e-6)
+    assert margin_disparity_loss(y_s, y_s_adv, y_t, y_t_adv).item() == pytest.approx(expected, rel=1e-6)
+    # the main head's logits only choose the labels: no gradient reaches them
+    y_s.requires_grad_(True)
+    margin_disparity_loss(y_s, y_s_adv.requires_grad_(True), y_t, y_t_adv).backward()
+    assert y_s.grad is None and y_s_adv.grad is not None
+
+
+def test_mdd_builds_tllibs_classifier_and_reverses_the_adversarial_gradient_at_its_warm_start():
+    mdd = MDD(bottleneck_dim=16, width=8)
+    model = mdd.transform_model(Classifier(create_backbone("tllab", "digits_cnn"), 10, bottleneck_dim=32))
+    assert model.features_dim == 16 and isinstance(model.bottleneck[3], nn.Dropout)
+    assert model.bottleneck[0].bias.eq(0.1).all() and model.head[0].bias.eq(0).all()
+    assert [m.out_features for m in mdd.adv_head if isinstance(m, nn.Linear)] == [8, 10]
+    f = torch.randn(6, 16, requires_grad=True)
+    logits = torch.randn(6, 10)
+    out = _out(f[:3], f[3:], logits[:3], logits[3:], step=500)
+    mdd.eval()  # no dropout: the gradient is then comparable
+    mdd.loss(out)["transfer"].backward()
+    reversed_grad = f.grad.clone()
+    f.grad = None
+    g = f.detach().requires_grad_(True)
+    margin_disparity_loss(logits[:3], mdd.adv_head(g[:3]), logits[3:], mdd.adv_head(g[3:])).backward()
+    assert torch.allclose(reversed_grad, -warm_start_coeff(500, hi=0.1) * g.grad, atol=1e-7)
+
+
+def test_mcd_terms_by_hand():
+    p1, p2 = torch.tensor([[0.7, 0.3], [0.2, 0.8]]), torch.tensor([[0.5, 0.5], [0.6, 0.4]])
+    assert classifier_discrepancy(p1, p2).item() == pytest.approx((0.2 + 0.2 + 0.4 + 0.4) / 4)
+    assert class_balance_entropy(p1).item() == pytest.approx(-(math.log(0.45 + 1e-6) + math.log(0.55 + 1e-6)) / 2)
+
+
+def test_mcd_three_updates_move_only_their_parameters(train_run, monkeypatch):
+    """B moves the two heads only and C (num_k times) everything else of the model, through the
+    trainer's update (checked on the weights before and after each call)."""
+    from tllab.trainer import Trainer
+
+    moved: list[set[str]] = []
+    update = Trainer._update
+
+    def spy(self, loss, params):
+        named = {**{f"model.{k}": v for k, v in self.model.named_parameters()},
+                 **{f"mcd.{k}": v for k, v in self.plugins["align.mcd"].named_parameters()}}
+        before = {k: v.detach().clone() for k, v in named.items()}
+        update(self, loss, params)
+        moved.append({k for k, v in named.items() if not torch.equal(v, before[k])})
+        spy.named = named
+
+    monkeypatch.setattr(Trainer, "_update", spy)
+    train_run("align=mcd", "align.mcd.bottleneck_dim=16", "align.mcd.num_k=2", "optim=sgd",
+              "trainer.max_steps=1", "trainer.eval_every=1")
+    heads = {k for k in spy.named if k.startswith(("model.head.", "mcd.head2."))}
+    assert len(moved) == 3 and moved[0] == heads
+    assert moved[1] == moved[2] == set(spy.named) - heads
+
+
+# Small discriminators and heads: the default ones (CDAN's reads features x classes) make the checkpoint writes
+# the cost.
 SMALL = ["align.dann.hidden_size=64", "align.cdan.hidden_size=64", "align.cdan.randomized=true",
-         "align.cdan.randomized_dim=64", "align.cdan.entropy=true", "align.jan.adversarial=true"]
+         "align.cdan.randomized_dim=64", "align.cdan.entropy=true", "align.jan.adversarial=true",
+         "align.mcd.bottleneck_dim=16", "align.mdd.bottleneck_dim=16", "align.mdd.width=16"]
+HEADS = ("mcd", "mdd")  # each replaces the head: one per run
+
+
+def _small(*methods: str) -> list[str]:
+    return [o for o in SMALL if o.split(".")[1] in methods]
 
 
 @pytest.mark.parametrize("overrides, method", [
-    ([f"align=[{','.join(n for n in options('align') if n != 'none')}]", *SMALL], "cdan+dan+dann+jan+mcc"),
-    (["norm=adabn", "align=dann", SMALL[0]], "adabn+dann"),
+    ([f"align=[{','.join(n for n in options('align') if n not in ('none', *HEADS))}]",
+      *_small("cdan", "dan", "dann", "jan", "mcc")], "cdan+dan+dann+jan+mcc"),
+    (["norm=adabn", "norm.adabn.split=source_val", "align=[dann,mcd]", *_small("dann", "mcd")], "adabn+dann+mcd"),
+    (["regularizer=l2", "align=[dann,mdd]", *_small("dann", "mdd")], "l2+dann+mdd"),
 ])
 def test_every_align_yaml_trains_and_stacks(train_run, tmp_path, overrides, method):
     summary = train_run(*overrides, "trainer.max_steps=2", "trainer.eval_every=2")
@@ -232,3 +305,12 @@ def test_every_align_yaml_trains_and_stacks(train_run, tmp_path, overrides, meth
     assert not any("discriminator" in k for k in state["model"])  # and is no part of the model
     if "jan" in method:  # JAN-A's thetas too
         assert "jmmd.thetas.0.layer.weight" in state["plugins"]["align.jan"]
+    if "mcd" in method:  # the second head, outside the model
+        assert "head2.1.weight" in state["plugins"]["align.mcd"] and "head.1.weight" in state["model"]
+    if "mdd" in method:
+        assert "adv_head.0.weight" in state["plugins"]["align.mdd"] and "bottleneck.0.weight" in state["model"]
+
+
+def test_two_head_replacing_methods_are_refused_by_name(train_run):
+    with pytest.raises(ConfigError, match="align.mcd and align.mdd both replace the model's head"):
+        train_run("align=[mcd,mdd]")

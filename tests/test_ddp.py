@@ -187,3 +187,26 @@ def test_ddp_with_fine_tuning_regularizers_equals_one_process(tmp_path, pretrain
         torch.testing.assert_close(a["model"][key], value, atol=1e-9, rtol=1e-9, msg=key)
     for key, value in single["final"].items():
         assert ddp["final"][key] == pytest.approx(value, abs=1e-9 if key.endswith("/acc") else 1e-6), key
+
+
+@pytest.mark.slow
+def test_ddp_with_alignment_equals_one_process(tmp_path):
+    """DANN's and CDAN+E's discriminators (synchronized BatchNorm; CDAN+E's weights normalised over
+    every rank's samples) and MCD's extra updates (gradients of the moved parameters averaged)
+    train exactly as one process on the concatenated batch. MCD's class-balance term is per rank
+    by nature (a log of the batch's mean prediction), so it is off here."""
+    common = [*COMMON, "align=[dann,cdan,mcd]", "align.dann.hidden_size=32", "align.cdan.hidden_size=32",
+              "align.cdan.entropy=true", "align.cdan.randomized=true", "align.cdan.randomized_dim=32",
+              "align.mcd.bottleneck_dim=16", "align.mcd.dropout_p=0", "align.mcd.entropy_weight=0",
+              "align.mcd.num_k=1", "trainer.max_steps=4", "trainer.eval_every=4"]
+    ddp = run(compose_config([*common, "trainer=ddp", "trainer.devices=2", "trainer.sync_bn=true",
+                              "trainer.batch_size=16"]), tmp_path / "ddp")
+    single = run(compose_config([*common, "trainer.batch_size=32"]), tmp_path / "single")
+    a, b = (torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=True) for d in ("ddp", "single"))
+    pairs = [(a["model"], b["model"]), *((a["plugins"][n], b["plugins"][n]) for n in b["plugins"])]
+    for x, y in pairs:
+        assert x.keys() == y.keys()
+        for key, value in y.items():
+            torch.testing.assert_close(x[key], value, atol=1e-9, rtol=1e-9, msg=key)
+    for key, value in single["final"].items():
+        assert ddp["final"][key] == pytest.approx(value, abs=1e-9 if key.endswith("/acc") else 1e-6), key

@@ -13,7 +13,8 @@ each hook the plug-ins run group by group (``norm``, then ``regularizer``, then 
 group in its selection order:
 
 1. ``transform_model(model)`` — once, before the model moves to the device. Replace or wrap
-   layers (IBN, StochNorm, MixStyle insertion...). Return the (possibly new) model.
+   layers (IBN, StochNorm, MixStyle insertion...). Return the (possibly new) model. Plug-ins
+   with ``exclusive = "head"`` transform first, so the others see the final features and head.
 2. ``setup(ctx)`` — once, after the model is on the device, before the optimizer exists and
    before a checkpoint is restored (so ``ctx.model`` still holds the pretrained weights).
    Snapshot the source model, run a preparation pass over ``ctx.data`` (e.g. Co-Tuning's
@@ -30,8 +31,14 @@ group in its selection order:
    target inputs, features and logits (:class:`StepOutput`; ``out.progress`` in [0, 1] for
    ramped weights). The trainer adds them to the cross-entropy and logs each under
    ``train/<group>.<name>/<term>``.
-6. ``after_step(model)`` — after every optimizer step (clamping gates, momentum encoders).
-7. ``eval_model(model, ctx, split)`` — before evaluating each split (``source_val``,
+6. ``extra_updates(out, forward, update)`` — optional, after the step's optimizer update: more
+   updates on the same batch, for methods whose parts minimise different losses (MCD's heads,
+   then its features). ``forward(out)`` runs the trainer's forward pass again on ``out``'s
+   inputs and returns a new :class:`StepOutput`; ``update(loss, params)`` takes one optimizer
+   step that moves only ``params`` (gradients averaged over ranks, clipping, AMP and the
+   non-finite check as in the main step). Returns named terms to log.
+7. ``after_step(model)`` — after every iteration's updates (clamping gates, momentum encoders).
+8. ``eval_model(model, ctx, split)`` — before evaluating each split (``source_val``,
    ``target_test``...): return the model to evaluate it with (AdaBN returns, for target splits,
    a copy with target-adapted BatchNorm statistics, computed once per evaluation; the trained
    weights stay untouched).
@@ -50,7 +57,7 @@ from __future__ import annotations
 import inspect
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,6 +100,10 @@ class StepOutput:
         return self.step / max(1, self.total_steps)
 
 
+Forward = Callable[[StepOutput], StepOutput]
+Update = Callable[[Tensor, Sequence[nn.Parameter]], None]
+
+
 @dataclass
 class SetupContext:
     """What a plug-in may use in ``setup`` and ``eval_model``."""
@@ -130,6 +141,9 @@ class Plugin(nn.Module):
         raise NotImplementedError  # only plug-ins that replace the forward pass override this
 
     def loss(self, out: StepOutput) -> dict[str, Tensor]:
+        return {}
+
+    def extra_updates(self, out: StepOutput, forward: Forward, update: Update) -> dict[str, Tensor]:
         return {}
 
     def after_step(self, model: nn.Module) -> None:

@@ -9,10 +9,11 @@ loss terms, and takes one optimizer step. Methods change behaviour only through
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ def resolve_device(name: str, local_rank: int = 0, option: str = "trainer.device
 
 def build_model(cfg: TrainConfig, plugins: Iterable[Plugin]) -> nn.Module:
     """The run's model: backbone -> optional bottleneck -> head, then each plug-in's
-    ``transform_model`` in order (also used to rebuild a checkpoint's model for analysis)."""
+    ``transform_model`` in order, head replacements first (also used to rebuild a checkpoint's model for analysis)."""
     model: nn.Module = Classifier(
         create_backbone(cfg.backbone.library, cfg.backbone.name, cfg.backbone.pretrained, cfg.backbone.weights,
                         **cfg.backbone.kwargs),
@@ -76,7 +77,8 @@ def build_model(cfg: TrainConfig, plugins: Iterable[Plugin]) -> nn.Module:
         str(cfg.backbone.head), cfg.backbone.head_dim, cfg.backbone.head_codes)
     if cfg.backbone.load_head and cfg.backbone.pretrained:  # (analysis rebuilds without pretrained weights)
         load_head_checkpoint(model, cfg.backbone.pretrained)
-    for plugin in plugins:
+    # the head is settled first (AFN, MCD, MDD replace it), so that plug-ins reading its width see the final one
+    for plugin in sorted(plugins, key=lambda p: p.exclusive != "head"):
         model = plugin.transform_model(model)
     return model
 
@@ -145,6 +147,8 @@ class Trainer:
             check_image_size(model, cfg)
         if tc.sync_bn:
             model = convert_sync_batchnorm(model)
+            for plugin in self.plugins.values():  # discriminators, extra heads (a plug-in is never a BN itself)
+                convert_sync_batchnorm(plugin)
         self.model = model.to(self.device, self.dtype)
         channels_last = tc.channels_last if tc.channels_last is not None else self.device.type == "cuda"
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -346,7 +350,23 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self._prefetch()  # before the first wait on the GPU below
-        if self._average_gradients(bad_loss=not torch.isfinite(loss).item()):  # any rank
+        self._optimizer_step(loss, terms)
+        with self.autocast():  # further updates on this batch (MCD's), each through _update
+            for name, plugin in self.plugins.items():
+                terms.update({f"{name}/{k}": v for k, v in plugin.extra_updates(out, self._reforward,
+                                                                                 self._update).items()})
+        self.scheduler.step()
+        for plugin in self.plugins.values():
+            plugin.after_step(self.model)
+        acc = (out.logits_s.argmax(1) == y_s).float().mean()
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}, acc
+
+    def _optimizer_step(self, loss: Tensor, terms: dict[str, Tensor], params: list[nn.Parameter] | None = None
+                        ) -> None:
+        """After the backward pass: average the gradients over ranks, stop on a non-finite loss
+        (any rank), clip, and step the optimizer (parameters without a gradient do not move)."""
+        params = params or [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self._average_gradients(params, bad_loss=not torch.isfinite(loss).item()):
             values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
             last = self.ckpt_dir / "last.pt"
             raise NonFiniteLossError(
@@ -355,23 +375,32 @@ class Trainer:
                 "trainer.grad_clip, or reduce the weight of the diverging loss term.")
         if self.cfg.trainer.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
             nn.utils.clip_grad_norm_(params, self.cfg.trainer.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
-        for plugin in self.plugins.values():
-            plugin.after_step(self.model)
-        acc = (out.logits_s.argmax(1) == y_s).float().mean()
-        return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}, acc
 
-    def _average_gradients(self, bad_loss: bool) -> bool:
-        """Data parallelism: every parameter's gradient becomes the mean over ranks, in one
+    def _reforward(self, out: StepOutput) -> StepOutput:
+        """``out`` with logits and features of a new forward pass over its inputs (Plugin.extra_updates)."""
+        logits_s, f_s, logits_t, f_t = self.forward(out.x_s, out.x_t)
+        return dataclasses.replace(out, logits_s=logits_s, f_s=f_s, logits_t=logits_t, f_t=f_t)
+
+    def _update(self, loss: Tensor, params: Sequence[nn.Parameter]) -> None:
+        """One more optimizer step on this batch that moves only ``params`` (Plugin.extra_updates);
+        a parameter the loss does not reach gets a zero gradient, as on every rank under DDP."""
+        params = list(params)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, enabled=False):  # backward outside autocast
+            grads = torch.autograd.grad(self.scaler.scale(loss), params, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = torch.zeros_like(p) if g is None else g
+        self._optimizer_step(loss, {"extra update": loss.detach()}, params)
+
+    def _average_gradients(self, params: list[nn.Parameter], bad_loss: bool) -> bool:
+        """Data parallelism: each of ``params``' gradients becomes the mean over ranks, in one
         all-reduce (a parameter without a gradient counts as zero) that also carries each rank's
         non-finite-loss flag. Returns whether any rank's loss was not finite."""
         if self.world == 1:
             return bad_loss
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flag = torch.tensor([float(bad_loss)], dtype=grads[0].dtype, device=self.device)
         flat = all_reduce_sum(torch.cat([*(g.reshape(-1) for g in grads), flag]))

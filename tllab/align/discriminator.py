@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tllab.align.grl import WarmStartGradientReverseLayer
+from tllab.distributed import all_reduce_sum, world_size
 from tllab.errors import ConfigError
 from tllab.models.classifier import Classifier
 from tllab.nn.functional import upcast_half
@@ -66,7 +67,10 @@ def domain_adversarial_loss(d_s: Tensor, d_t: Tensor, weight: Tensor | None = No
     d = torch.cat([d_s, d_t])
     labels = torch.cat([torch.ones_like(d_s), torch.zeros_like(d_t)])
     losses = F.binary_cross_entropy_with_logits(d, labels, reduction="none")
-    return (weight * losses).sum() / weight.sum()
+    # under data parallelism the weights are normalised over every rank's samples (the gradient
+    # average over ranks then equals one process on the concatenated batch)
+    total = all_reduce_sum(weight.sum().detach()) / world_size()
+    return (weight * losses).sum() / total
 
 
 class AdversarialAlignment(Plugin):
