@@ -78,7 +78,8 @@ class MDD(Plugin):
         trade_off: weight of :math:`L_{mdd}`. Default: 1.0 (tllib ``--trade-off``).
         margin: :math:`\gamma`. Default: 4.0 (tllib ``--margin``).
         bottleneck_dim: width of the bottleneck. Default: 1024 (tllib ``--bottleneck-dim``).
-        width: hidden width of both heads. Default: 1024 (tllib ``ImageClassifier(width=1024)``).
+        width: hidden width of both heads, or ``None`` for ``bottleneck_dim`` (tllib's example passes
+            ``width=bottleneck_dim``). Default: ``None``.
         dropout_p: dropout of the bottleneck and heads. Default: 0.5.
         alpha, lo, hi, max_iters: the :math:`\lambda` schedule (:func:`tllab.align.grl.warm_start_coeff`).
             Defaults: 1.0, 0.0, 0.1, 1000 (tllib's MDD).
@@ -90,10 +91,11 @@ class MDD(Plugin):
     uses_target = True
     exclusive = "head"
 
-    def __init__(self, trade_off: float = 1.0, margin: float = 4.0, bottleneck_dim: int = 1024, width: int = 1024,
+    def __init__(self, trade_off: float = 1.0, margin: float = 4.0, bottleneck_dim: int = 1024, width: int | None = None,
                  dropout_p: float = 0.5, alpha: float = 1.0, lo: float = 0.0, hi: float = 0.1,
                  max_iters: int = 1000) -> None:
         super().__init__()
+        width = bottleneck_dim if width is None else width
         if bottleneck_dim < 1 or width < 1 or not 0 <= dropout_p < 1:
             raise ValueError(f"need bottleneck_dim >= 1, width >= 1 and dropout_p in [0, 1); got "
                              f"{bottleneck_dim}, {width}, {dropout_p}")
