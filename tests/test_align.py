@@ -32,6 +32,7 @@ from tllab.errors import ConfigError
 from tllab.models import Classifier, create_backbone
 from tllab.plugin import StepOutput
 
+from .conftest import interrupt_then_resume
 from .test_configs import options
 
 
@@ -309,6 +310,17 @@ def test_every_align_yaml_trains_and_stacks(train_run, tmp_path, overrides, meth
         assert "head2.1.weight" in state["plugins"]["align.mcd"] and "head.1.weight" in state["model"]
     if "mdd" in method:
         assert "adv_head.0.weight" in state["plugins"]["align.mdd"] and "bottleneck.0.weight" in state["model"]
+
+
+def test_alignment_resumes_bit_identically(train_run, tmp_path, monkeypatch):
+    """The discriminator, CDAN's random maps, MCD's second head and its extra updates resume exactly."""
+    args = ["align=[cdan,mcd]", *_small("cdan", "mcd"), "trainer.max_steps=4", "trainer.eval_every=2"]
+    train_run(*args, run_dir=tmp_path / "whole")
+    interrupt_then_resume(lambda d: train_run(*args, run_dir=d), tmp_path / "resumed", monkeypatch, at_step=2)
+    a, b = (load_checkpoint(tmp_path / d / "checkpoints" / "last.pt") for d in ("whole", "resumed"))
+    assert a["step"] == b["step"] == 4
+    for x, y in [(a["model"], b["model"]), *((a["plugins"][n], b["plugins"][n]) for n in a["plugins"])]:
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 def test_two_head_replacing_methods_are_refused_by_name(train_run):

@@ -91,9 +91,9 @@ class MDD(Plugin):
     uses_target = True
     exclusive = "head"
 
-    def __init__(self, trade_off: float = 1.0, margin: float = 4.0, bottleneck_dim: int = 1024, width: int | None = None,
-                 dropout_p: float = 0.5, alpha: float = 1.0, lo: float = 0.0, hi: float = 0.1,
-                 max_iters: int = 1000) -> None:
+    def __init__(self, trade_off: float = 1.0, margin: float = 4.0, bottleneck_dim: int = 1024,
+                 width: int | None = None, dropout_p: float = 0.5, alpha: float = 1.0, lo: float = 0.0,
+                 hi: float = 0.1, max_iters: int = 1000) -> None:
         super().__init__()
         width = bottleneck_dim if width is None else width
         if bottleneck_dim < 1 or width < 1 or not 0 <= dropout_p < 1:

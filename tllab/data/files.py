@@ -29,12 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from tllab.data.base import ImageSet
 from tllab.data.loaders import sample_seed
 from tllab.data.transforms import ImageTransform
 from tllab.errors import DataError
+
+# torchvision.datasets.folder's list (not imported from there: torchvision takes ~1.7 s to import)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 __all__ = ["IMG_EXTENSIONS", "FileDataset", "ImageIndex", "PathTable", "label_problems", "read_image",
            "read_image_list", "scan_image_folder"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models import ResNet
 
 from tllab.errors import ConfigError
 from tllab.nn import Encoding
@@ -21,7 +20,7 @@ def feature_maps(backbone: nn.Module, x: Tensor) -> Tensor:
     """The backbone's last feature map :math:`(N, C, H, W)`, before its global pooling: the
     stages of a torchvision (or IBN-) ResNet, else the model's ``forward_features`` (timm models,
     the digits CNN)."""
-    if isinstance(backbone, ResNet):
+    if all(hasattr(backbone, name) for name in _RESNET_STEM):  # a torchvision-style ResNet
         for name in _RESNET_STEM:
             x = getattr(backbone, name)(x)
         return x

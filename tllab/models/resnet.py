@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from torch import nn
-from torchvision import models as tvm
 
 
 def torchvision_resnet(name: str, **kwargs) -> nn.Module:
@@ -16,6 +15,8 @@ def torchvision_resnet(name: str, **kwargs) -> nn.Module:
         >>> torchvision_resnet("resnet18").out_features
         512
     """
+    from torchvision import models as tvm  # on use: importing torchvision costs ~1.7 s (its ops import dynamo)
+
     model = getattr(tvm, name)(weights=None, **kwargs)
     model.out_features = model.fc.in_features
     model.fc = nn.Identity()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 
-import timm
 from torch import nn
 
 from tllab.errors import ConfigError
@@ -24,6 +23,8 @@ def timm_backbone(name: str, pretrained: bool = False, num_classes: int = 0, **k
         >>> timm_backbone("resnet18").out_features
         512
     """
+    import timm  # on use: a digits run need not import it
+
     if not timm.is_model(name):
         similar = difflib.get_close_matches(name, timm.list_models(), n=8, cutoff=0.6)
         raise ConfigError(f"unknown timm model {name!r}; similar names: {similar}. "
