@@ -2,7 +2,8 @@
 
 Iteration-based epochs over infinite loaders; each step draws a labelled batch (and an
 unlabelled target batch when a plug-in uses one), computes cross-entropy plus every plug-in's
-loss terms, and takes one optimizer step. Methods change behaviour only through
+loss terms, and takes one optimizer step (then any further updates a plug-in asks for on the
+same batch, such as MCD's). Methods change behaviour only through
 :class:`tllab.plugin.Plugin` hooks; nothing here knows any single method.
 """
 
