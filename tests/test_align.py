@@ -232,9 +232,13 @@ def test_mdd_loss_by_hand():
     assert y_s.grad is None and y_s_adv.grad is not None
 
 
-def test_mdd_builds_tllibs_classifier_and_reverses_the_adversarial_gradient_at_its_warm_start():
+def test_mdd_builds_tllibs_classifier_and_reverses_the_adversarial_gradient_at_its_warm_start(caplog):
+    with pytest.raises(ConfigError, match=r"^align.mdd works on a tllab Classifier .*not on a Linear\.$"):
+        MDD().transform_model(nn.Linear(2, 2))
     mdd = MDD(bottleneck_dim=16, width=8)
-    model = mdd.transform_model(Classifier(create_backbone("tllab", "digits_cnn"), 10, bottleneck_dim=32))
+    with caplog.at_level("WARNING", logger="tllab"):
+        model = mdd.transform_model(Classifier(create_backbone("tllab", "digits_cnn"), 10, bottleneck_dim=32))
+    assert "align.mdd replaces the backbone's bottleneck (backbone.bottleneck_dim)" in caplog.text
     assert model.features_dim == 16 and isinstance(model.bottleneck[3], nn.Dropout)
     assert model.bottleneck[0].bias.eq(0.1).all() and model.head[0].bias.eq(0).all()
     assert [m.out_features for m in mdd.adv_head if isinstance(m, nn.Linear)] == [8, 10]

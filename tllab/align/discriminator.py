@@ -9,8 +9,7 @@ from torch import Tensor, nn
 
 from tllab.align.grl import WarmStartGradientReverseLayer
 from tllab.distributed import all_reduce_sum, world_size
-from tllab.errors import ConfigError
-from tllab.models.classifier import Classifier
+from tllab.models.classifier import Classifier, as_classifier
 from tllab.nn.functional import upcast_half
 from tllab.plugin import Plugin, StepOutput
 
@@ -106,9 +105,7 @@ class AdversarialAlignment(Plugin):
         raise NotImplementedError
 
     def transform_model(self, model: Classifier) -> Classifier:
-        if not isinstance(model, Classifier):
-            raise ConfigError(f"{type(self).__name__} reads the features of a tllab Classifier, "
-                              f"not of a {type(model).__name__}.")
+        model = as_classifier(model, type(self).__name__)
         self.discriminator = DomainDiscriminator(self.discriminator_features(model), self.hidden_size)
         return model
 

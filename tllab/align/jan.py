@@ -12,8 +12,7 @@ from torch import Tensor, nn
 
 from tllab.align.grl import GradientReverseFunction
 from tllab.align.mmd import GaussianKernel, default_alphas, mmd, multi_kernel
-from tllab.errors import ConfigError
-from tllab.models.classifier import Classifier
+from tllab.models.classifier import Classifier, as_classifier
 from tllab.plugin import Plugin, StepOutput
 
 
@@ -124,9 +123,7 @@ class JAN(Plugin):
 
     def transform_model(self, model: Classifier) -> Classifier:
         if self.adversarial:
-            if not isinstance(model, Classifier):
-                raise ConfigError(f"JAN's adversarial thetas need the widths of a tllab Classifier, "
-                                  f"not of a {type(model).__name__}.")
+            model = as_classifier(model, "align.jan (adversarial)")
             thetas = [Theta(model.features_dim), Theta(model.num_classes)]
             self.jmmd = JointMultipleKernelMaximumMeanDiscrepancy(self.kernels, self.jmmd.linear, thetas)
         return model

@@ -4,18 +4,13 @@ three-step update of its example ``mcd.py``."""
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tllab.errors import ConfigError
-from tllab.models.classifier import Classifier
+from tllab.models.classifier import Classifier, as_classifier
 from tllab.nn.functional import upcast_half
 from tllab.plugin import Forward, Plugin, StepOutput, Update
-
-log = logging.getLogger("tllab")
 
 
 def classifier_discrepancy(p1: Tensor, p2: Tensor) -> Tensor:
@@ -120,8 +115,7 @@ class MCD(Plugin):
         self.head2: nn.Module | None = None
 
     def transform_model(self, model: Classifier) -> Classifier:
-        if not isinstance(model, Classifier):
-            raise ConfigError(f"align.mcd replaces the head of a tllab Classifier, not of a {type(model).__name__}.")
+        model = as_classifier(model, "align.mcd")
         model.head = MCDHead(model.features_dim, model.num_classes, self.bottleneck_dim, self.dropout_p)
         self.head2 = MCDHead(model.features_dim, model.num_classes, self.bottleneck_dim, self.dropout_p)
         return model

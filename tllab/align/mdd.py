@@ -4,19 +4,14 @@ MDD ``ImageClassifier`` (``tllib/alignment/mdd.py``, example ``mdd.py``)."""
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tllab.align.grl import WarmStartGradientReverseLayer
-from tllab.errors import ConfigError
-from tllab.models.classifier import Classifier
+from tllab.models.classifier import Classifier, as_classifier
 from tllab.nn.functional import upcast_half
 from tllab.plugin import Plugin, StepOutput
-
-log = logging.getLogger("tllab")
 
 
 def margin_disparity_loss(y_s: Tensor, y_s_adv: Tensor, y_t: Tensor, y_t_adv: Tensor, margin: float = 4.0) -> Tensor:
@@ -105,16 +100,12 @@ class MDD(Plugin):
         self.adv_head: nn.Module | None = None
 
     def transform_model(self, model: Classifier) -> Classifier:
-        if not isinstance(model, Classifier):
-            raise ConfigError(f"align.mdd replaces the bottleneck and head of a tllab Classifier, "
-                              f"not of a {type(model).__name__}.")
-        if not isinstance(model.bottleneck, nn.Identity):
-            log.warning("align.mdd replaces the backbone's bottleneck (backbone.bottleneck_dim) by its own")
+        model = as_classifier(model, "align.mdd")
         bottleneck = nn.Sequential(nn.Linear(model.backbone.out_features, self.bottleneck_dim),
                                    nn.BatchNorm1d(self.bottleneck_dim), nn.ReLU(), nn.Dropout(self.dropout_p))
         nn.init.normal_(bottleneck[0].weight, 0, 0.005)
         nn.init.constant_(bottleneck[0].bias, 0.1)
-        model.bottleneck, model.features_dim = bottleneck, self.bottleneck_dim
+        model.replace_bottleneck(bottleneck, self.bottleneck_dim, "align.mdd")
         model.head = mdd_head(self.bottleneck_dim, self.width, model.num_classes, self.dropout_p)
         self.adv_head = mdd_head(self.bottleneck_dim, self.width, model.num_classes, self.dropout_p)
         return model

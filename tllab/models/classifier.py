@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch import Tensor, nn
 
+from tllab.errors import ConfigError
 from tllab.models.deep_ten import EncodingHead, feature_channels, feature_maps
+
+log = logging.getLogger("tllab")
 
 
 class Classifier(nn.Module):
@@ -80,6 +84,13 @@ class Classifier(nn.Module):
                     m.eval()
         return self
 
+    def replace_bottleneck(self, bottleneck: nn.Module, features_dim: int, by: str) -> None:
+        """Install a method's own bottleneck (AFN's blocks, MDD's) of width ``features_dim``,
+        warning when it replaces the one ``backbone.bottleneck_dim`` built; ``by`` names the method."""
+        if not isinstance(self.bottleneck, nn.Identity):
+            log.warning("%s replaces the backbone's bottleneck (backbone.bottleneck_dim) by its own", by)
+        self.bottleneck, self.features_dim = bottleneck, features_dim
+
     def get_parameters(self, base_lr: float, backbone_lr_mult: float = 1.0) -> list[dict[str, Any]]:
         """Optimizer parameter groups: the backbone at ``backbone_lr_mult * base_lr``, the rest at
         ``base_lr`` (tllib uses 0.1x for a pretrained backbone). Frozen parameters are skipped."""
@@ -89,3 +100,12 @@ class Classifier(nn.Module):
         groups = [{"params": backbone, "lr": backbone_lr_mult * base_lr, "name": "backbone"},
                   {"params": rest, "lr": base_lr, "name": "head"}]
         return [g for g in groups if g["params"]]
+
+
+def as_classifier(model: nn.Module, by: str) -> Classifier:
+    """``model``, which a plug-in (``by``, e.g. ``"align.mdd"``) changes or reads the features of:
+    a one-line error when it is not a tllab :class:`Classifier`."""
+    if not isinstance(model, Classifier):
+        raise ConfigError(f"{by} works on a tllab Classifier (backbone, bottleneck, head), not on a "
+                          f"{type(model).__name__}.")
+    return model

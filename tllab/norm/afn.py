@@ -11,18 +11,14 @@ dropout preserves the expected squared feature norm. Training loss:
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 from torch import Tensor, nn
 
-from tllab.errors import ConfigError
-from tllab.models.classifier import Classifier
+from tllab.models.classifier import Classifier, as_classifier
 from tllab.nn.functional import upcast_half
 from tllab.plugin import Plugin, StepOutput
-
-log = logging.getLogger("tllab")
 
 
 class AdaptiveFeatureNorm(nn.Module):
@@ -183,15 +179,12 @@ class AFNStrategy(Plugin):
         self.afn = AdaptiveFeatureNorm(delta)
 
     def transform_model(self, model: Classifier) -> Classifier:
-        if not isinstance(model, Classifier):
-            raise ConfigError(f"norm.afn replaces the bottleneck and head of a tllab Classifier, "
-                              f"not of a {type(model).__name__}.")
-        if not isinstance(model.bottleneck, nn.Identity):
-            log.warning("norm.afn replaces the backbone's bottleneck (backbone.bottleneck_dim) by its own blocks")
+        model = as_classifier(model, "norm.afn")
         head = AFNHead(model.backbone.out_features, model.num_classes, self.num_blocks, self.bottleneck_dim,
                        self.dropout_p)
         # Classifier.forward returns (head(f), f): f is now the last block's output, the AFN features.
-        model.bottleneck, model.head, model.features_dim = head.bottleneck, head.head, self.bottleneck_dim
+        model.replace_bottleneck(head.bottleneck, self.bottleneck_dim, "norm.afn")
+        model.head = head.head
         return model
 
     def loss(self, out: StepOutput) -> dict[str, Tensor]:
