@@ -160,3 +160,12 @@ def test_slurm_launcher_without_slurm_is_one_line(tmp_path: Path, monkeypatch, c
     code, _ = _run_sweep(capsys, "launch", str(tmp_path / "sweep"), "--launcher", "slurm", "seed=0,1")
     assert code.startswith("tllab: error: hydra/launcher=slurm submits SLURM jobs") and "\n" not in code
     assert "--launcher joblib" in code and not (tmp_path / "sweep").exists()  # nothing planned
+
+
+def test_a_reader_that_stops_early_ends_a_command_quietly():
+    """``tllab-data list | head -1``: the command exits 141 (SIGPIPE) with no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "tllab.data.cli", "list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141 and err == ""

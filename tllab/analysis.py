@@ -42,6 +42,7 @@ from tllab.data import build_data
 from tllab.data.arrays import ArrayDataset
 from tllab.data.loaders import eval_loader
 from tllab.errors import CheckpointError, ConfigError, TllabError
+from tllab.io import closed_pipe_exits_quietly
 from tllab.keys import method_name, task_name
 from tllab.loggers import write_json_atomic
 from tllab.nn.functional import upcast_half
@@ -379,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@closed_pipe_exits_quietly
 def main(argv: list[str] | None = None) -> None:
     """Console entry point ``tllab-analyze``; an error the user can fix prints one line and exits 1."""
     args = build_parser().parse_args(argv)

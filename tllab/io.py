@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
-from collections.abc import Iterator
+import signal
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,22 @@ log = logging.getLogger("tllab")
 
 class WriteError(TllabError, OSError):
     """A file could not be written (no space left, over the file-size limit...)."""
+
+
+def closed_pipe_exits_quietly(main: Callable[..., None]) -> Callable[..., None]:
+    """A console entry point whose output may be piped into a reader that stops early
+    (``tllab-sweep status DIR | head``): it then exits with status 141 (128 + SIGPIPE) and no
+    output, as Unix tools do, instead of a ``BrokenPipeError`` traceback."""
+    @functools.wraps(main)
+    def entry_point(*args: Any, **kwargs: Any) -> None:
+        try:
+            main(*args, **kwargs)
+            sys.stdout.flush()  # a broken pipe shows at the last write: here, not at exit
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+            sys.exit(128 + signal.SIGPIPE)
+
+    return entry_point
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tllab import lock
+from tllab.io import closed_pipe_exits_quietly
 from tllab.launch import RESUMABLE_KEYS
 from tllab.loggers import write_json_atomic
 
@@ -326,6 +327,7 @@ def _delete_incomplete(args: argparse.Namespace) -> None:
     print(f"deleted {len(doomed)} job dirs; launch the sweep again to rerun them")
 
 
+@closed_pipe_exits_quietly
 def main(argv: list[str] | None = None) -> None:
     """Console entry point ``tllab-sweep``."""
     parser = argparse.ArgumentParser(prog="tllab-sweep", description=__doc__.split("\n\n")[0])

@@ -27,7 +27,7 @@ from tllab import lock
 from tllab.data import resolve_num_classes
 from tllab.distributed import broadcast_object, dist_is_initialized, is_main
 from tllab.errors import ConfigError, RunDirRefused, TllabError
-from tllab.io import check_writable_dir
+from tllab.io import check_writable_dir, closed_pipe_exits_quietly
 from tllab.launch import check_devices, claim_run_dir, join_launcher_group, spawn_ddp, train_process, write_hydra_files
 from tllab.schema import TrainConfig, check_known_keys, register_configs, validate_config
 
@@ -238,6 +238,7 @@ def check_arguments(argv: list[str]) -> None:
     check_command_line(args.overrides, args.config_dir)
 
 
+@closed_pipe_exits_quietly
 def main() -> None:
     """Console entry point. Under torchrun/SLURM, join the process group first; ranks other
     than 0 then run Hydra without any output of their own and use rank 0's run dir."""

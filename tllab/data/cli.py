@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tllab.data.layout import data_root, domain_spec
 from tllab.errors import TllabError
+from tllab.io import closed_pipe_exits_quietly
 from tllab.schema import DatasetConfig
 
 __all__ = ["catalog_names", "dataset_config", "main"]
@@ -169,6 +170,7 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+@closed_pipe_exits_quietly
 def main(argv: list[str] | None = None) -> None:
     """Console entry point ``tllab-data``."""
     parser = argparse.ArgumentParser(prog="tllab-data", description=__doc__.split("\n\n")[0])

@@ -20,6 +20,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from tllab.errors import TllabError
+from tllab.io import closed_pipe_exits_quietly
 from tllab.models.weights import IBN_FILES, OFFLINE_IMAGENET, hub_file, hub_url, imagenet_backbone, timm_cache_hint
 
 # scikit-image photo -> ImageNet classes that count as right (281-285 the cats; 504 coffee mug, 967 espresso, 968 cup)
@@ -74,6 +75,7 @@ def expected_file(library: str, name: str, weights: str | None = None) -> str:
     return f"{hub_file(url)}; fetch it with `curl -L -o {hub_file(url).name} {url}`"
 
 
+@closed_pipe_exits_quietly
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tllab-weights", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["where", "check"])

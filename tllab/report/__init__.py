@@ -25,6 +25,7 @@ import argparse
 import csv
 from pathlib import Path
 
+from tllab.io import closed_pipe_exits_quietly
 from tllab.launch import RESUMABLE_KEYS
 from tllab.report.plots import bar_chart, learning_curves, method_colors
 from tllab.report.references import load_references
@@ -132,6 +133,7 @@ def _run_row(run: Run) -> list[object]:
             first.get("hardware", ""), " ".join(first.get("overrides", []))]
 
 
+@closed_pipe_exits_quietly
 def main(argv: list[str] | None = None) -> None:
     """Console entry point ``tllab-report``."""
     parser = argparse.ArgumentParser(prog="tllab-report", description=__doc__.split("\n\n")[0])
