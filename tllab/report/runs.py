@@ -47,9 +47,11 @@ def load_run(run_dir: Path) -> Run:
     path = run_dir / "config.yaml"
     if not path.exists():
         path = run_dir / ".hydra" / "config.yaml"
-    raw = OmegaConf.load(path)
-    typed: TrainConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), raw))
-    config = flatten(OmegaConf.to_container(raw, resolve=True))
+    # a key the run's config lacks (written by an older tllab) takes its default, so such runs do
+    # not split off from newer runs of the same method
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
+    typed: TrainConfig = OmegaConf.to_object(merged)
+    config = flatten(OmegaConf.to_container(merged, resolve=True, enum_to_str=True))
     records = read_jsonl(run_dir / "results.jsonl")  # a record cut short by a kill is left out, with a warning
     error_file = run_dir / "error.txt"
     if (run_dir / "done").exists():
