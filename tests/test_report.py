@@ -5,17 +5,19 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from tllab import report
+from tllab import launch, report
 from tllab.report.references import load_references
 from tllab.report.render import cell_text
 from tllab.report.runs import find_runs, label_variants
 from tllab.report.selection import SELECTION_RULES
 from tllab.report.tables import Cell, build_tables
+from tllab.train import resolve_config
 
 from .conftest import TESTS, compose_config
 
@@ -198,6 +200,34 @@ def mixed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         del older.backbone[key]
     (root / "adabn_1" / "config.yaml").write_text(OmegaConf.to_yaml(older))
     return root
+
+
+def test_a_run_is_dirty_only_when_the_code_has_uncommitted_changes(tmp_path: Path, monkeypatch):
+    """An edited README (or a report just written into docs/results) leaves the run clean; an edited
+    module or config of tllab marks it ``+dirty``."""
+    repo = tmp_path / "checkout"
+    (repo / "tllab").mkdir(parents=True)
+    (repo / "tllab" / "train.py").write_text("x = 1\n")
+    (repo / "README.md").write_text("# tllab\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "init"]):
+        subprocess.run([*git, *args], check=True)
+    monkeypatch.setattr(launch, "CHECKOUT", repo)
+    cfg, _ = resolve_config(compose_config([]))
+
+    def dirty(name: str) -> bool:
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        launch.record_provenance(run_dir, cfg, [])
+        entry = json.loads((run_dir / "provenance.json").read_text())["commands"][0]
+        assert len(entry["git_commit"]) == 40
+        return entry["git_dirty"]
+
+    assert dirty("clean") is False
+    (repo / "README.md").write_text("# tllab, edited\n")
+    assert dirty("docs_edited") is False
+    (repo / "tllab" / "train.py").write_text("x = 2\n")
+    assert dirty("code_edited") is True
 
 
 def test_a_mixed_sweep_reports_recipes_duplicates_and_uncertainty_honestly(mixed_dir: Path, tmp_path: Path):

@@ -118,13 +118,18 @@ def claim_run_dir(run_dir: Path, cfg: TrainConfig, resolved: dict[str, Any],
     record_provenance(run_dir, cfg, yaml.safe_load((hydra_files or {}).get("overrides.yaml", "[]")) or [])
 
 
+# What decides a run's numbers; uncommitted edits elsewhere (docs, README, tests, a report just written into
+# docs/results) do not make a run "dirty", so regenerating one table does not taint the next one's provenance.
+CODE_PATHS = ("tllab", "hydra_plugins", "pyproject.toml", "constraints.txt")
+CHECKOUT = Path(__file__).resolve().parents[1]  # the git checkout tllab runs from, if it is one
+
+
 def _git(*args: str) -> str | None:
-    """A git command's output in the checkout tllab runs from; None for an installed package."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / ".git").exists():
+    """A git command's output in ``CHECKOUT``; None for an installed package."""
+    if not (CHECKOUT / ".git").exists():
         return None
     try:
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
+        return subprocess.run(["git", "-C", str(CHECKOUT), *args], capture_output=True, text=True, timeout=10,
                               check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -146,14 +151,14 @@ def hardware_class(cfg: TrainConfig) -> str:
 
 def record_provenance(run_dir: Path, cfg: TrainConfig, overrides: list[str]) -> None:
     """Append how this command was made to ``provenance.json`` (one entry per start or resume):
-    tllab version, git commit and dirty flag of the checkout, command-line overrides, hardware
+    tllab version, git commit and dirty flag (uncommitted changes to ``CODE_PATHS``), command-line overrides, hardware
     class, Python and torch versions. ``tllab-report`` prints them beside its tables."""
     path = run_dir / "provenance.json"
     try:
         commands = json.loads(path.read_text())["commands"] if path.exists() else []
     except (json.JSONDecodeError, KeyError, TypeError):
         commands = []  # a damaged record is replaced, never fatal
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS)
     commands.append({"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                      "tllab": tllab.__version__, "git_commit": _git("rev-parse", "HEAD"),
                      "git_dirty": None if status is None else bool(status), "overrides": list(overrides),
