@@ -20,4 +20,4 @@ sweep norm=none align=cdan align.cdan.randomized=true
 for method in dan jan mcc mdd mcd; do
     sweep norm=none align=$method
 done
-exec scripts/table.sh table_digits_da last,source_val,oracle "$@"
+exec scripts/table.sh table_digits_da last,source_val,oracle --baseline "source only" "$@"

@@ -23,4 +23,4 @@ sweep backbone=efficientnet_lite0 backbone.pretrained=imagenet dataset.image_siz
     "label='efficientnet-lite0 imagenet, 128 px'" ${ARGS[@]+"${ARGS[@]}"}
 sweep backbone=efficientnet_lite0 backbone.pretrained=null dataset.image_size=128 optim.backbone_lr_mult=1.0 \
     "label='efficientnet-lite0 scratch, 128 px'" ${ARGS[@]+"${ARGS[@]}"}
-exec scripts/table.sh table_digits_finetune last,target_val,oracle "$@"
+exec scripts/table.sh table_digits_finetune last,target_val,oracle --baseline fine-tune "$@"

@@ -19,5 +19,5 @@ sweep regularizer=bss regularizer.bss.weight=0.0001,0.001,0.01 ${ARGS[@]+"${ARGS
 sweep regularizer=lwf regularizer.lwf.weight=0.4,4,40 ${ARGS[@]+"${ARGS[@]}"}
 sweep regularizer=co_tuning regularizer.co_tuning.weight=0.23,2.3,23 ${ARGS[@]+"${ARGS[@]}"}
 sweep regularizer=bi_tuning regularizer.bi_tuning.weight=0.1,1,10 ${ARGS[@]+"${ARGS[@]}"}
-$BIN/tllab-report "$SWEEP" --out "$OUT" --selection last,target_val \
+$BIN/tllab-report "$SWEEP" --out "$OUT" --selection last,target_val --baseline fine-tune \
     --note "Regenerate with \`scripts/table_digits_finetune_weights.sh\` (runs only the jobs not done yet, then this report)."

@@ -4,6 +4,7 @@ number names a method and task the preset's runs produce."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -130,6 +131,30 @@ def test_table_scripts_write_docs_results_only_with_the_recipe_or_publish(args, 
     done = subprocess.run(["bash", "-c", script, "_", *args], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == f"{sweep}|{out}|{' '.join(a for a in args if a != '--publish')}"
     assert ("pass --publish" in done.stderr) == (out.startswith("outputs/"))
+
+
+def test_table_script_gives_metric_and_baseline_to_the_report_and_the_rest_to_the_sweep(tmp_path: Path):
+    """``scripts/table.sh`` routes its options: --metric and --baseline (a row name with spaces) to
+    tllab-report, launch options and overrides to tllab-sweep; the digits scripts name their baseline row."""
+    for name in ("tllab-sweep", "tllab-report"):
+        stub = tmp_path / name
+        stub.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {tmp_path}/{name}.args\n')
+        stub.chmod(0o755)
+    subprocess.run(["bash", "scripts/table.sh", "table_digits_dg", "last", "--baseline", "source only", "--jobs", "2",
+                    "--metric", "target_test/acc_per_class_mean", "trainer.max_steps=10"],
+                   cwd=ROOT, env={**os.environ, "TLLAB_BIN": str(tmp_path)}, capture_output=True, check=True)
+    launched = (tmp_path / "tllab-sweep.args").read_text().splitlines()
+    reported = (tmp_path / "tllab-report.args").read_text().splitlines()
+    assert launched == ["launch", "outputs/sweeps/table_digits_dg-custom", "experiment=table_digits_dg", "--jobs", "2",
+                        "trainer.max_steps=10"]
+    assert reported[:9] == ["outputs/sweeps/table_digits_dg-custom", "--out", "outputs/reports/digits_dg",
+                            "--selection", "last", "--metric", "target_test/acc_per_class_mean",
+                            "--baseline", "source only"]
+    baselines = {"table_digits_da.sh": '--baseline "source only"', "table_digits_dg.sh": "--baseline erm",
+                 "table_digits_finetune.sh": "--baseline fine-tune",
+                 "table_digits_finetune_weights.sh": "--baseline fine-tune"}
+    for script, option in baselines.items():
+        assert option in (ROOT / "scripts" / script).read_text(), script
 
 
 def test_every_table_script_chooses_its_dirs_through_table_dirs():

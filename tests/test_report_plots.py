@@ -11,7 +11,7 @@ from matplotlib.colors import to_rgba
 from matplotlib.container import BarContainer, ErrorbarContainer
 from PIL import Image
 
-from tllab.report.plots import bar_chart, bar_figure, curves_figure, learning_curves, method_colors
+from tllab.report.plots import PALETTE, bar_chart, bar_figure, curves_figure, learning_curves, method_colors
 from tllab.report.runs import Run
 from tllab.report.selection import SELECTION_RULES
 from tllab.report.tables import Cell, Table
@@ -58,6 +58,8 @@ def test_method_colors_distinct_for_20_methods_in_the_order_given():
     assert list(colors) == names and len(set(colors.values())) == 20
     assert method_colors(names) == colors  # deterministic
     assert method_colors(names[::-1])["m19"] == colors["m0"]  # the order given decides
+    # no method is grey, the colour of the other methods behind each learning-curve panel
+    assert len(PALETTE) == 38 and not [c for c in PALETTE if max(c) - min(c) < 0.05]
 
 
 def test_a_method_has_one_colour_in_bars_and_curves():

@@ -39,11 +39,11 @@ DPI = 150
 
 
 def _palette() -> list[Color]:
-    """tab20's ten dark colours (tab10), its light ones, then tab20b shade by shade: 39 colours
-    where consecutive ones differ in hue. tab20's light grey is left out: it is too close to
-    :data:`OTHERS`."""
+    """tab20's ten dark colours (tab10), its light ones, then tab20b shade by shade: 38 colours
+    where consecutive ones differ in hue. tab20's two greys are left out: a grey method reads as
+    one of the :data:`OTHERS` behind each learning-curve panel."""
     tab20, tab20b = matplotlib.colormaps["tab20"].colors, matplotlib.colormaps["tab20b"].colors
-    return ([c for c in (*tab20[0::2], *tab20[1::2]) if c != tab20[15]]
+    return ([c for c in (*tab20[0::2], *tab20[1::2]) if c not in (tab20[14], tab20[15])]
             + [tab20b[group + shade] for shade in range(4) for group in range(0, 20, 4)])
 
 
@@ -51,8 +51,8 @@ PALETTE = _palette()
 
 
 def method_colors(methods: Sequence[str]) -> dict[str, Color]:
-    """One colour per method, :data:`PALETTE` in the order given (duplicates ignored): 39
-    distinct colours, then the palette repeats. Pass the report's methods in one fixed order
+    """One colour per method, :data:`PALETTE` in the order given (duplicates ignored): 38
+    distinct colours, none grey, then the palette repeats. Pass the report's methods in one fixed order
     (the table row order) and the same method gets the same colour in every figure."""
     unique = list(dict.fromkeys(methods))
     return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(unique)}
