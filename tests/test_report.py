@@ -260,6 +260,14 @@ def test_a_mixed_sweep_reports_recipes_duplicates_and_uncertainty_honestly(mixed
     assert runs["adabn_1"]["git_commits"] == "2222222+dirty" and runs["so_0"]["hardware"] == "CPU: 2 cores"
 
 
+def test_a_baseline_that_names_no_row_is_refused_in_one_line(mixed_dir: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"^tllab: error: --baseline 'Source only' names no row of these tables; "
+                                         r"choose one of: 'source only', 'adabn'\.$"):
+        report.main([str(mixed_dir), "--out", str(out), "--selection", "last", "--baseline", "Source only"])
+    assert not out.exists()  # a refused command writes nothing
+
+
 @pytest.mark.parametrize(("values", "bold"), [
     ({"a": [50, 51, 52], "b": [30, 31, 32], "c": [10]}, [True, False, False]),  # clear winner
     ({"a": [50, 51, 52], "b": [49, 50, 51], "c": [30, 31, 32]}, [True, True, False]),  # tied with b

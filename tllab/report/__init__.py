@@ -159,6 +159,10 @@ def main(argv: list[str] | None = None) -> None:
     label_variants(runs)
     rules = [SELECTION_RULES[n] for n in args.selection.split(",")]
     tables = build_tables(runs, rules, args.metric, load_references(args.references))
+    rows = list(dict.fromkeys(m for t in tables for m in t.methods))
+    if args.baseline is not None and args.baseline not in rows:  # a typo would drop the paired tables silently
+        raise SystemExit(f"tllab: error: --baseline {args.baseline!r} names no row of these tables; "
+                         f"choose one of: {', '.join(map(repr, rows))}.")
     out = args.out or args.dirs[0] / "report"
     write_report(runs, tables, out, pending, plots=not args.no_plots, note=args.note, baseline=args.baseline)
     done = sum(r.state == "done" for r in runs)
